@@ -1,0 +1,24 @@
+"""mirai_kernels: fused kernels for training and sampling autoregressive image generators with foresight.
+
+Public API (every op function takes ``backend=None``; see :mod:`mirai_kernels.backend`):
+
+* :func:`rope_2d_table`, :func:`apply_rope_2d` — LlamaGen's 2D rotary embedding; :class:`Rope2D` module.
+* backend control: :func:`set_backend`, :func:`use_backend`, :func:`get_backend`, :func:`available_faces`.
+"""
+
+from .backend import BackendUnavailableError, available_faces, get_backend, set_backend, use_backend
+from .modules import Rope2D
+from .ops.rope import apply_rope_2d, rope_2d_table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "Rope2D",
+    "apply_rope_2d",
+    "available_faces",
+    "get_backend",
+    "rope_2d_table",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the specification every fast face is tested against."""

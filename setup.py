@@ -1,0 +1,104 @@
+"""Build mirai_kernels: the C++ CPU extension ``mirai_kernels._C`` always, the CUDA extension
+``mirai_kernels._C_cuda`` when CUDA is usable or forced.
+
+    pip install --no-build-isolation -e .          # the documented install (isolation would hide your torch)
+
+Environment:
+    MIRAI_CUDA=auto|0|1   auto (default): build the CUDA sources when a GPU is visible and a CUDA toolkit is found;
+                          1: always (compile-only on a machine without a GPU, as CI does); 0: never.
+    CUDA_HOME             defaults to /usr/local/cuda when it exists (torch's own guess can pick a wrapper script).
+    TORCH_CUDA_ARCH_LIST  defaults to 9.0 (H100) when no GPU is visible (torch cannot detect one and fails without it).
+    MAX_JOBS              parallel compile jobs, default 2.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+except ImportError:
+    sys.exit(
+        "mirai_kernels compiles C++/CUDA extensions against the torch you have installed, and torch is not "
+        "importable here.\nInstall it first (e.g. `pip install torch==2.14.1`), then build with "
+        "`pip install --no-build-isolation -e .` (build isolation would hide that torch)."
+    )
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported, so set the defaults first.
+if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+os.environ.setdefault("MAX_JOBS", "2")
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    mode = os.environ.get("MIRAI_CUDA", "auto").lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"MIRAI_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False
+    toolkit = CUDA_HOME is not None and torch.version.cuda is not None
+    if mode == "1":
+        if not toolkit:
+            sys.exit(
+                "MIRAI_CUDA=1 but no CUDA build is possible: "
+                + ("torch is a CPU-only build" if torch.version.cuda is None else "no CUDA toolkit (set CUDA_HOME)")
+            )
+        return True
+    return toolkit and torch.cuda.is_available()
+
+
+def _relative(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extensions():
+    cxx_flags = ["-O3", "-fopenmp"]  # torch adds its own -std flag
+    exts = [
+        CppExtension(
+            "mirai_kernels._C",
+            _relative(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))),
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    if _want_cuda():
+        if not torch.cuda.is_available():
+            # No GPU to detect the arch from (and torch fails without a list): compile for the H100.
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        cuda_sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(
+            os.path.join(ROOT, "csrc", "cuda", "*.cpp")
+        )
+        exts.append(
+            CUDAExtension(
+                "mirai_kernels._C_cuda",
+                _relative(cuda_sources),
+                extra_compile_args={
+                    "cxx": ["-O3"],
+                    "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+                },
+            )
+        )
+    return exts
+
+
+setup(
+    name="mirai_kernels",
+    version="0.1.0",
+    description="Fused Triton and C++/CUDA kernels for training and sampling AR image generators with foresight",
+    packages=find_packages(include=["mirai_kernels", "mirai_kernels.*", "models", "models.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch", "triton; platform_system == 'Linux'", "einops", "numpy", "tqdm"],
+    extras_require={
+        "eval": ["torch-fidelity", "scikit-learn", "matplotlib"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
