@@ -28,8 +28,8 @@ the op, and allowed:
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
+import importlib.util
 import os
 import threading
 from typing import Iterator
@@ -75,8 +75,7 @@ def op_faces(op: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _extension_error(module: str) -> str | None:
+def _import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except ImportError as exc:  # not built, or built against another torch
@@ -84,23 +83,28 @@ def _extension_error(module: str) -> str | None:
     return None
 
 
+# Probed once at import (importing an extension registers its ops), so that choosing a face is plain dict/bool
+# lookups that torch.compile traces without graph breaks.
+_EXTENSION_ERRORS = {name: _import_error(name) for name in ("mirai_kernels._C", "mirai_kernels._C_cuda")}
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _extension_error(module: str) -> str | None:
+    return _EXTENSION_ERRORS[module]
+
+
 def cpp_available() -> bool:
     """True when the C++ CPU extension ``mirai_kernels._C`` imported (it registers the ``*_cpp`` ops)."""
-    return _extension_error("mirai_kernels._C") is None
+    return _EXTENSION_ERRORS["mirai_kernels._C"] is None
 
 
 def cuda_ext_available() -> bool:
     """True when the CUDA extension ``mirai_kernels._C_cuda`` was built and imported."""
-    return _extension_error("mirai_kernels._C_cuda") is None
+    return _EXTENSION_ERRORS["mirai_kernels._C_cuda"] is None
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def triton_interpreted() -> bool:
