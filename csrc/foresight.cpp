@@ -1,0 +1,261 @@
+// C++ CPU face of the shifted foresight cosine (mirai::foresight_cos_fwd_cpp / foresight_cos_bwd_cpp).
+//
+// proj: (B, N, K, Z), any strides with unit last-dim stride. targets: (B, N, Z), unit last-dim stride, same dtype.
+// tpos: int32 (N, K) contiguous, the target position of each (student position, foresight head), -1 for none.
+// fwd -> cos (B, N, K) in the accumulation type (fp32; fp64 for fp64 inputs), 0 where tpos is -1.
+// bwd(grad_cos) -> grad_proj (B, N, K, Z) contiguous, proj's dtype. Targets never get a gradient.
+// cos(s, t) = <s, t> / (max(|s|, eps) max(|t|, eps)), eps = 1e-6, as mirai_kernels/reference/foresight.py.
+//
+// mirai::fused_linear_cos_cpp: the foresight heads' last Linear fused with the cosine, gradients computed in the
+// forward pass (measured faster than a chunked recompute in backward, for about the same saved bytes; see
+// mirai_kernels/ops/foresight.py). x (B, N, K, H), weight (K, Z, H), bias (K, Z) or None, targets (B, N, Z), tpos.
+// Returns per_head (K,) fp32/fp64 = -mean over (batch, valid pairs) of cos, and, when compute_grad, the gradients
+// of -sum(cos) per head: grad_x (B, N, K, H) in x's dtype, grad_weight (K, Z, H) and grad_bias (K, Z) in the
+// accumulation type (empty tensors otherwise). The caller scales them by upstream_k / (B * pairs_k).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace mirai {
+namespace {
+
+constexpr double kEps = 1e-6;
+
+void check_cos_inputs(const at::Tensor& proj, const at::Tensor& targets, const at::Tensor& tpos) {
+  TORCH_CHECK(proj.dim() == 4, "foresight_cos: proj must be (B, N, K, Z), got ", proj.sizes());
+  TORCH_CHECK(targets.dim() == 3, "foresight_cos: targets must be (B, N, Z), got ", targets.sizes());
+  TORCH_CHECK(proj.device().is_cpu() && targets.device().is_cpu() && tpos.device().is_cpu(),
+              "foresight_cos_*_cpp: all tensors must be on the CPU");
+  TORCH_CHECK(targets.size(0) == proj.size(0) && targets.size(1) == proj.size(1) && targets.size(2) == proj.size(3),
+              "foresight_cos: targets ", targets.sizes(), " do not match proj ", proj.sizes(),
+              " (expected (B, N, Z))");
+  TORCH_CHECK(targets.scalar_type() == proj.scalar_type(), "foresight_cos: targets dtype ", targets.scalar_type(),
+              " differs from proj dtype ", proj.scalar_type());
+  TORCH_CHECK(proj.size(3) <= 1 || proj.stride(3) == 1, "foresight_cos: proj needs a unit last-dim stride");
+  TORCH_CHECK(targets.size(2) <= 1 || targets.stride(2) == 1, "foresight_cos: targets need a unit last-dim stride");
+  TORCH_CHECK(tpos.scalar_type() == at::kInt && tpos.dim() == 2 && tpos.size(0) == proj.size(1) &&
+                  tpos.size(1) == proj.size(2) && tpos.is_contiguous(),
+              "foresight_cos: tpos must be contiguous int32 (N, K) = (", proj.size(1), ", ", proj.size(2), "), got ",
+              tpos.sizes(), " ", tpos.scalar_type());
+}
+
+// Raises on a target position outside [-1, N): it would read past targets. Cheap on CPU (N*K ints).
+void check_tpos_range(const at::Tensor& tpos, int64_t n) {
+  const int32_t* t = tpos.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < tpos.numel(); ++i) {
+    TORCH_CHECK(t[i] >= -1 && t[i] < n, "foresight_cos: tpos values must lie in [-1, ", n, "), got ", t[i]);
+  }
+}
+
+// 1 / max(|t|, eps) of every target row, shared by the K foresight heads that read it.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> target_inv_norms(const at::Tensor& targets) {
+  const int64_t B = targets.size(0), N = targets.size(1), Z = targets.size(2);
+  const int64_t stb = targets.stride(0), stn = targets.stride(1);
+  const scalar_t* t = targets.const_data_ptr<scalar_t>();
+  std::vector<acc_t> inv(B * N);
+  at::parallel_for(0, B * N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Z)), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const scalar_t* tr = t + (r / N) * stb + (r % N) * stn;
+      acc_t ss = 0;
+      for (int64_t z = 0; z < Z; ++z) ss += acc_t(tr[z]) * acc_t(tr[z]);
+      inv[r] = acc_t(1) / std::max(std::sqrt(ss), acc_t(kEps));
+    }
+  });
+  return inv;
+}
+
+template <typename scalar_t>
+void cos_fwd_kernel(const at::Tensor& proj, const at::Tensor& targets, const at::Tensor& tpos, at::Tensor& cos) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = proj.size(0), N = proj.size(1), K = proj.size(2), Z = proj.size(3);
+  const int64_t spb = proj.stride(0), spn = proj.stride(1), spk = proj.stride(2);
+  const int64_t stb = targets.stride(0), stn = targets.stride(1);
+  const scalar_t* p = proj.const_data_ptr<scalar_t>();
+  const scalar_t* t = targets.const_data_ptr<scalar_t>();
+  const int32_t* tp = tpos.const_data_ptr<int32_t>();
+  acc_t* out = cos.mutable_data_ptr<acc_t>();
+  const auto inv_t = target_inv_norms<scalar_t, acc_t>(targets);
+  at::parallel_for(0, B * N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * Z)), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = r / N, n = r % N;
+      for (int64_t k = 0; k < K; ++k) {
+        const int32_t q = tp[n * K + k];
+        if (q < 0) {
+          out[r * K + k] = 0;
+          continue;
+        }
+        const scalar_t* s = p + b * spb + n * spn + k * spk;
+        const scalar_t* tr = t + b * stb + q * stn;
+        acc_t dot = 0, ss = 0;
+        for (int64_t z = 0; z < Z; ++z) {
+          const acc_t sv = acc_t(s[z]);
+          dot += sv * acc_t(tr[z]);
+          ss += sv * sv;
+        }
+        out[r * K + k] = dot * inv_t[b * N + q] / std::max(std::sqrt(ss), acc_t(kEps));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at::Tensor& targets,
+                    const at::Tensor& tpos, at::Tensor& grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = proj.size(0), N = proj.size(1), K = proj.size(2), Z = proj.size(3);
+  const int64_t spb = proj.stride(0), spn = proj.stride(1), spk = proj.stride(2);
+  const int64_t stb = targets.stride(0), stn = targets.stride(1);
+  const int64_t sgb = grad_cos.stride(0), sgn = grad_cos.stride(1), sgk = grad_cos.stride(2);
+  const scalar_t* p = proj.const_data_ptr<scalar_t>();
+  const scalar_t* t = targets.const_data_ptr<scalar_t>();
+  const acc_t* g = grad_cos.const_data_ptr<acc_t>();
+  const int32_t* tp = tpos.const_data_ptr<int32_t>();
+  scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+  const auto inv_t = target_inv_norms<scalar_t, acc_t>(targets);
+  at::parallel_for(0, B * N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * Z)), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = r / N, n = r % N;
+      for (int64_t k = 0; k < K; ++k) {
+        scalar_t* o = out + (r * K + k) * Z;
+        const int32_t q = tp[n * K + k];
+        const acc_t gk = q < 0 ? acc_t(0) : g[b * sgb + n * sgn + k * sgk];
+        if (gk == acc_t(0)) {
+          for (int64_t z = 0; z < Z; ++z) o[z] = scalar_t(0);
+          continue;
+        }
+        const scalar_t* s = p + b * spb + n * spn + k * spk;
+        const scalar_t* tr = t + b * stb + q * stn;
+        acc_t dot = 0, ss = 0;
+        for (int64_t z = 0; z < Z; ++z) {
+          const acc_t sv = acc_t(s[z]);
+          dot += sv * acc_t(tr[z]);
+          ss += sv * sv;
+        }
+        const acc_t norm_s = std::sqrt(ss);
+        const acc_t inv_s = acc_t(1) / std::max(norm_s, acc_t(kEps));
+        const acc_t it = inv_t[b * N + q];
+        const acc_t c = dot * inv_s * it;
+        // d cos / d s = (t_hat - cos * s_hat) / |s|; below eps the norm is the constant eps and only t_hat / eps is
+        // left.
+        const acc_t a = gk * it * inv_s;
+        const acc_t bcoef = norm_s >= acc_t(kEps) ? gk * c * inv_s * inv_s : acc_t(0);
+        for (int64_t z = 0; z < Z; ++z) o[z] = scalar_t(a * acc_t(tr[z]) - bcoef * acc_t(s[z]));
+      }
+    }
+  });
+}
+
+at::Tensor foresight_cos_fwd_cpu(const at::Tensor& proj, const at::Tensor& targets, const at::Tensor& tpos) {
+  check_cos_inputs(proj, targets, tpos);
+  check_tpos_range(tpos, proj.size(1));
+  const auto acc = proj.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto cos = at::empty({proj.size(0), proj.size(1), proj.size(2)}, proj.options().dtype(acc));
+  if (cos.numel() == 0) return cos;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, proj.scalar_type(), "foresight_cos_fwd_cpp",
+                                  [&] { cos_fwd_kernel<scalar_t>(proj, targets, tpos, cos); });
+  return cos;
+}
+
+at::Tensor foresight_cos_bwd_cpu(const at::Tensor& grad_cos, const at::Tensor& proj, const at::Tensor& targets,
+                                 const at::Tensor& tpos) {
+  check_cos_inputs(proj, targets, tpos);
+  check_tpos_range(tpos, proj.size(1));
+  const auto acc = proj.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_cos.dim() == 3 && grad_cos.size(0) == proj.size(0) && grad_cos.size(1) == proj.size(1) &&
+                  grad_cos.size(2) == proj.size(2),
+              "foresight_cos_bwd: grad_cos must be (B, N, K), got ", grad_cos.sizes());
+  TORCH_CHECK(grad_cos.device().is_cpu(), "foresight_cos_bwd_cpp: grad_cos must be on the CPU");
+  const auto g = grad_cos.to(acc);
+  auto grad = at::empty(proj.sizes(), proj.options().memory_format(at::MemoryFormat::Contiguous));
+  if (grad.numel() == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, proj.scalar_type(), "foresight_cos_bwd_cpp",
+                                  [&] { cos_bwd_kernel<scalar_t>(g, proj, targets, tpos, grad); });
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& tpos, bool compute_grad) {
+  TORCH_CHECK(x.dim() == 4, "fused_linear_cos: x must be (B, N, K, H), got ", x.sizes());
+  const int64_t B = x.size(0), N = x.size(1), K = x.size(2), H = x.size(3);
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == K && weight.size(2) == H,
+              "fused_linear_cos: weight must be (K, Z, H) = (", K, ", Z, ", H, "), got ", weight.sizes());
+  const int64_t Z = weight.size(1);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "fused_linear_cos: weight dtype ", weight.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "fused_linear_cos_cpp: tensors must be on the CPU");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == K && bias->size(1) == Z,
+                "fused_linear_cos: bias must be (K, Z) = (", K, ", ", Z, "), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device().is_cpu(),
+                "fused_linear_cos: bias must be a CPU tensor of x's dtype");
+  }
+  TORCH_CHECK(targets.dim() == 3 && targets.size(0) == B && targets.size(1) == N && targets.size(2) == Z,
+              "fused_linear_cos: targets must be (B, N, Z) = (", B, ", ", N, ", ", Z, "), got ", targets.sizes());
+  TORCH_CHECK(tpos.scalar_type() == at::kInt && tpos.dim() == 2 && tpos.size(0) == N && tpos.size(1) == K,
+              "fused_linear_cos: tpos must be int32 (N, K)");
+  check_tpos_range(tpos, N);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto per_head = at::zeros({K}, x.options().dtype(acc));
+  at::Tensor gx, gw, gb;
+  if (compute_grad) {
+    gx = at::empty({B, N, K, H}, x.options());
+    gw = at::zeros({K, Z, H}, x.options().dtype(acc));
+    gb = at::zeros({K, Z}, x.options().dtype(acc));
+  } else {
+    gx = at::empty({0}, x.options());
+    gw = at::empty({0}, x.options().dtype(acc));
+    gb = at::empty({0}, x.options().dtype(acc));
+  }
+  if (B * N * K == 0) return {per_head, gx, gw, gb};
+  // Chunks of whole sequences (a pair never leaves its sample) of about 8K rows bound the live projection.
+  const int64_t chunk = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, N));
+  const auto counts = (tpos >= 0).sum(0).to(acc) * double(B);
+  for (int64_t k = 0; k < K; ++k) {
+    const auto tk = tpos.select(1, k).unsqueeze(1).contiguous();
+    const auto wk = weight.select(0, k);
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t b1 = std::min(B, b0 + chunk), bc = b1 - b0;
+      const auto xk = x.slice(0, b0, b1).select(2, k).reshape({bc * N, H});
+      auto p = bias.has_value() ? at::addmm(bias->select(0, k), xk, wk.t()) : at::mm(xk, wk.t());
+      p = p.view({bc, N, 1, Z});
+      const auto tch = targets.slice(0, b0, b1);
+      const auto c = foresight_cos_fwd_cpu(p, tch, tk);
+      per_head.select(0, k).sub_(c.sum());
+      if (compute_grad) {
+        const auto dp = foresight_cos_bwd_cpu(at::full_like(c, -1.0), p, tch, tk).view({bc * N, Z});
+        gx.slice(0, b0, b1).select(2, k).copy_(at::mm(dp, wk).view({bc, N, H}));
+        gw.select(0, k).add_(at::mm(dp.t(), xk).to(acc));
+        gb.select(0, k).add_(dp.sum(0, /*keepdim=*/false, acc));
+      }
+    }
+  }
+  per_head.div_(counts.clamp_min(1));
+  return {per_head, gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mirai, m) {
+  m.def("foresight_cos_fwd_cpp(Tensor proj, Tensor targets, Tensor tpos) -> Tensor");
+  m.def("foresight_cos_bwd_cpp(Tensor grad_cos, Tensor proj, Tensor targets, Tensor tpos) -> Tensor");
+  m.def(
+      "fused_linear_cos_cpp(Tensor x, Tensor weight, Tensor? bias, Tensor targets, Tensor tpos, bool compute_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mirai, CPU, m) {
+  m.impl("foresight_cos_fwd_cpp", &foresight_cos_fwd_cpu);
+  m.impl("foresight_cos_bwd_cpp", &foresight_cos_bwd_cpu);
+  m.impl("fused_linear_cos_cpp", &fused_linear_cos_cpu);
+}
+
+}  // namespace mirai
