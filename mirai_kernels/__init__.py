@@ -3,12 +3,14 @@
 Public API (every op function takes ``backend=None``; see :mod:`mirai_kernels.backend`):
 
 * :func:`rope_2d_table`, :func:`apply_rope_2d` — LlamaGen's 2D rotary embedding; :class:`Rope2D` module.
+* :func:`decode_attention` — KV-cache decode attention (in-place append, RoPE, split-KV).
 * backend control: :func:`set_backend`, :func:`use_backend`, :func:`get_backend`, :func:`available_faces`.
 """
 
 from .backend import BackendUnavailableError, available_faces, get_backend, set_backend, use_backend
 from .modules import Rope2D
 from .ops.rope import apply_rope_2d, rope_2d_table
+from .ops.decode import decode_attention
 
 __version__ = "0.1.0"
 
@@ -17,6 +19,7 @@ __all__ = [
     "Rope2D",
     "apply_rope_2d",
     "available_faces",
+    "decode_attention",
     "get_backend",
     "rope_2d_table",
     "set_backend",

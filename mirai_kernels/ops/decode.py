@@ -1,0 +1,230 @@
+"""The door of KV-cache decode attention: input checks, one ``torch.ops.mirai`` op per fast face, the public function.
+
+Faces (pattern of :mod:`mirai_kernels.ops.rope`):
+
+* ``decode_attention_cpp`` (csrc/decode.cpp, CPU) and ``decode_attention_cuda`` (csrc/cuda/decode.cu, CUDA): schemas
+  defined in C++, with ``Tensor(a!) k_cache, Tensor(b!) v_cache`` since they append in place;
+* ``decode_attention_triton``: ``torch.library.custom_op`` here, ``mutates_args=("k_cache", "v_cache")``;
+* ``reference``: plain PyTorch (:mod:`mirai_kernels.reference.decode`).
+
+All face ops share one signature ``(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table, softmax_scale,
+num_splits) -> out`` and a fake kernel registered here.
+
+Inference only: decode attention has no autograd formula (sampling runs under ``torch.no_grad``/``inference_mode``);
+the public function raises if grad mode is on and an input requires grad.
+
+Autocast: no autocast rule; the op computes in fp32 (fp64 for fp64 inputs) and returns ``q``'s dtype. q, caches and
+k_new/v_new must share one dtype (a cache is written with the dtype it has).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import backend as _backend
+from ..reference import decode as _reference
+
+OP = "decode_attention"
+_backend.register_op_faces(OP, ("reference", "triton", "cpp", "cuda"))
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Face ops
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "mirai::decode_attention_triton", mutates_args=("k_cache", "v_cache"), device_types=("cuda", "cpu")
+)
+def _decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: Optional[torch.Tensor],
+    v_new: Optional[torch.Tensor],
+    cache_seqlens: torch.Tensor,
+    rope_table: Optional[torch.Tensor],
+    softmax_scale: float,
+    num_splits: int,
+) -> torch.Tensor:
+    from ..triton import decode as kernels  # lazy: Triton is optional and reads TRITON_INTERPRET when it decorates
+
+    return kernels.decode_attention(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table, softmax_scale, num_splits
+    )
+
+
+def _fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table, softmax_scale, num_splits):
+    return q.new_empty(q.shape)  # contiguous, like every face
+
+
+torch.library.register_fake("mirai::decode_attention_triton")(_fake)
+if _backend.cpp_available():
+    torch.library.register_fake("mirai::decode_attention_cpp")(_fake)
+if _backend.cuda_ext_available() and hasattr(torch.ops.mirai, "decode_attention_cuda"):
+    torch.library.register_fake("mirai::decode_attention_cuda")(_fake)
+
+
+def face_op(face: str):
+    """The ``torch.ops.mirai`` op behind ``face`` (``triton``, ``cpp`` or ``cuda``), for tests and opcheck."""
+    return getattr(torch.ops.mirai, f"{OP}_{face}").default
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table) -> None:
+    where = "decode_attention"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{where}: {name} must be a 4-D tensor (batch, seqlen, nheads, head_dim), got {_shape(t)}")
+    batch, seqlen_q, nheads, head_dim = q.shape
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{where}: q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{where}: k_cache {_shape(k_cache)} and v_cache {_shape(v_cache)} must have the same shape")
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(f"{where}: caches (batch, max_seqlen, nheads_kv, head_dim) = {_shape(k_cache)} do not match "
+                         f"q (batch, seqlen_q, nheads, head_dim) = {_shape(q)}")
+    nheads_kv = k_cache.shape[2]
+    if nheads_kv == 0 or nheads % nheads_kv:
+        raise ValueError(f"{where}: nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv})")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{where}: pass both k_new and v_new, or neither")
+    tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)]
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, seqlen_q, nheads_kv, head_dim):
+                raise ValueError(f"{where}: {name} must be (batch, seqlen_q, nheads_kv, head_dim) = "
+                                 f"{(batch, seqlen_q, nheads_kv, head_dim)}, got {_shape(t)}")
+        tensors += [("k_new", k_new), ("v_new", v_new)]
+    for name, t in tensors:
+        if t.dtype != q.dtype:
+            raise TypeError(f"{where}: {name} is {t.dtype} but q is {q.dtype}; q, the caches and k_new/v_new must "
+                            "share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{where}: {name} is on {t.device} but q is on {q.device}")
+        if head_dim > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{where}: {name} must have a unit stride in its last dim (got strides {t.stride()})")
+    if not isinstance(cache_seqlens, torch.Tensor) or tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"{where}: cache_seqlens must be a (batch,) = ({batch},) tensor, got {_shape(cache_seqlens)}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"{where}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"{where}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if rope_table is not None:
+        if not isinstance(rope_table, torch.Tensor) or rope_table.dim() != 3 or rope_table.shape[1:] != (
+            head_dim // 2,
+            2,
+        ) or head_dim % 2:
+            raise ValueError(f"{where}: rope_table must be (rows, head_dim/2 = {head_dim // 2}, 2) as built by "
+                             f"rope_2d_table, got {_shape(rope_table)}")
+        if rope_table.dtype != torch.float32:
+            raise TypeError(f"{where}: rope_table must be float32, got {rope_table.dtype}")
+        if not rope_table.is_contiguous():
+            raise ValueError(f"{where}: rope_table must be contiguous")
+        if rope_table.device != q.device:
+            raise ValueError(f"{where}: rope_table is on {rope_table.device} but q is on {q.device}")
+    if torch.is_grad_enabled() and any(t.requires_grad for _, t in tensors):
+        raise RuntimeError(f"{where} is inference-only (no autograd formula): call it under torch.no_grad() or "
+                           "torch.inference_mode(), or detach the inputs")
+    # Reading device values syncs the GPU with the host: on GPU this runs only under MIRAI_DEBUG=1. Under
+    # torch.compile it is skipped (data-dependent branches break the graph); the C++ CPU face checks the values
+    # itself, and the GPU kernels never touch memory outside the cache.
+    if batch and not torch.compiler.is_compiling() and (cache_seqlens.device.type == "cpu" or _backend.debug_checks()):
+        lengths = cache_seqlens.long().cpu()
+        max_seqlen = k_cache.shape[1]
+        if k_new is not None:
+            bad = (lengths < 0) | (lengths + seqlen_q > max_seqlen)
+            if bad.any():
+                b = int(bad.nonzero()[0])
+                raise IndexError(f"{where}: cache too small for the append: cache_seqlens[{b}] = {int(lengths[b])} "
+                                 f"+ seqlen_q {seqlen_q} > max_seqlen {max_seqlen}")
+        else:
+            bad = (lengths < seqlen_q) | (lengths > max_seqlen)
+            if bad.any():
+                b = int(bad.nonzero()[0])
+                raise IndexError(f"{where}: without k_new the queries are the last seqlen_q cache rows, so seqlen_q "
+                                 f"({seqlen_q}) <= cache_seqlens[{b}] = {int(lengths[b])} <= max_seqlen "
+                                 f"({max_seqlen}) is required")
+        if rope_table is not None:
+            last = int(lengths.max()) + (seqlen_q if k_new is not None else 0) - 1
+            if last >= rope_table.shape[0]:
+                raise IndexError(f"{where}: position {last} is past the rope_table's {rope_table.shape[0]} rows")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: Optional[torch.Tensor] = None,
+    v_new: Optional[torch.Tensor] = None,
+    *,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    rope_table: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention of a few new queries over a static KV cache, appending the new keys/values in place.
+
+    Arguments:
+        q: ``(batch, seqlen_q, nheads, head_dim)``, float16 / bfloat16 / float32 (float64: reference and C++
+            faces). ``seqlen_q`` is small: 1 per decode step, more for a prefill chunk or a speculative window.
+        k_cache, v_cache: ``(batch, max_seqlen, nheads_kv, head_dim)`` BSHD, q's dtype, ``nheads % nheads_kv == 0``
+            (MQA/GQA: query head ``h`` reads kv head ``h // (nheads // nheads_kv)``). Written in place when
+            ``k_new``/``v_new`` are given. Any strides with a unit last-dim stride.
+        k_new, v_new: optional ``(batch, seqlen_q, nheads_kv, head_dim)``, q's dtype: written (k_new rotated when
+            ``rope_table`` is given) at cache rows ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_q - 1``.
+        cache_seqlens: int32 ``(batch,)`` on q's device: each sequence's cache length **before** the append (they
+            may differ across the batch). Never modified: the caller advances it. Without ``k_new`` the queries are
+            the last ``seqlen_q`` tokens already in the cache.
+        softmax_scale: default ``1 / sqrt(head_dim)``.
+        rope_table: optional ``(rows, head_dim/2, 2)`` float32 from :func:`mirai_kernels.rope_2d_table`. q and
+            k_new are rotated (LlamaGen interleaved pairs, rounded to q's dtype) by row = their absolute position
+            ``L_b - seqlen_q + i`` (``L_b`` the length after the append); v is never rotated.
+        num_splits: key splits per (batch, kv head) for the split-KV faces (flash-decoding); 0 picks from the
+            static shapes (never from ``cache_seqlens`` values, so a CUDA-graph-captured step keeps its launch).
+            Ignored by the reference.
+        backend: ``None`` (current default, see :mod:`mirai_kernels.backend`), ``"auto"``, ``"reference"``,
+            ``"triton"``, ``"cpp"`` or ``"cuda"``.
+    Return:
+        out: ``(batch, seqlen_q, nheads, head_dim)`` contiguous, q's dtype. Query ``i`` of sequence ``b`` attends to
+        keys ``0 .. L_b - seqlen_q + i`` (bottom-right causal alignment, as FlashAttention's kv-cache API).
+
+    No host synchronisation on GPU (CUDA-graph capturable). ``cache_seqlens`` values (room for the append, rope
+    rows) are checked on CPU tensors always and on GPU only with ``MIRAI_DEBUG=1``; invalid values never make the
+    GPU kernels touch memory outside the cache, but their results are then undefined. Inference only: raises if
+    grad mode is on and an input requires grad.
+    """
+    _check_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table)
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"decode_attention: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    face = _backend.select_face(OP, q.device, backend)
+    if face == "reference":
+        return _reference.decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, rope_table)
+    if face == "triton" and q.dtype == torch.float64:
+        raise TypeError("decode_attention: the triton face computes in fp32 and does not take float64 inputs")
+    if face == "cuda" and (q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128)):
+        raise TypeError(f"decode_attention: the cuda face takes float16/bfloat16 with head_dim 64 or 128, got "
+                        f"{q.dtype}, head_dim {q.shape[-1]}")
+    return getattr(torch.ops.mirai, f"{OP}_{face}")(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table, scale, num_splits
+    )
