@@ -1,0 +1,497 @@
+// Dual (causal + bidirectional) attention, C++ CPU forward and backward.
+//
+// One pass over the keys of each query row feeds two online-softmax accumulators: C (keys j <= i) and U (keys
+// j > i). The causal output is C; the bidirectional output is the log-sum-exp merge of C and U (MIRAI_SPEC.md, "The
+// shared bidirectional pass"). For a query tile [i0, i1) the keys split into three regions: [0, i0) is all C,
+// [i0, i1) is the diagonal block (split per row by the mask), [i1, S) is all U. Key chunks never straddle a region,
+// so only the diagonal block needs two P@V products.
+//
+// Work is split over (batch, K/V head) with at::parallel_for: each task owns its heads' dQ and its K/V head's dK/dV
+// (summed over the grouped query heads), so the backward needs no atomics. Inputs may be strided views (only the
+// last dim contiguous); each task copies its head into fp32 scratch, so bf16/fp16 compute with fp32 accumulation.
+// Matrix products go to the BLAS torch links (sgemm_, MKL in the pip wheels), looked up weakly so a torch without
+// it still loads this library and uses the plain loops below.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace mirai_dual_attention {
+
+constexpr int kBlockQ = 64;   // query tile rows (also the diagonal block's width)
+constexpr int kBlockK = 256;  // key chunk width in the all-C and all-U regions (large: fewer rescales, bigger GEMMs)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Row-major C[m x n] = alpha * op(A) op(B) + beta * C, op(A) = A (m x k, lda) or A^T (A stored k x m).
+void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+          int ldb, float beta, float* c, int ldc) {
+  if (m == 0 || n == 0) return;
+#ifndef MIRAI_NO_BLAS  // define to test the fallback loops
+  if (sgemm_ != nullptr) {
+    // Column-major BLAS sees row-major matrices transposed: C^T = op(B)^T op(A)^T.
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    sgemm_(&tb, &ta, &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+    return;
+  }
+#endif
+  for (int i = 0; i < m; ++i) {
+    float* crow = c + (int64_t)i * ldc;
+    for (int j = 0; j < n; ++j) crow[j] = beta == 0.f ? 0.f : beta * crow[j];
+    for (int p = 0; p < k; ++p) {
+      const float av = alpha * (trans_a ? a[(int64_t)p * lda + i] : a[(int64_t)i * lda + p]);
+      if (!trans_b) {
+        const float* brow = b + (int64_t)p * ldb;
+        for (int j = 0; j < n; ++j) crow[j] += av * brow[j];
+      } else {
+        for (int j = 0; j < n; ++j) crow[j] += av * b[(int64_t)j * ldb + p];
+      }
+    }
+  }
+}
+
+// exp on [-87, 88] to ~2 ulp (Cody-Waite reduction + degree-6 polynomial), written so the loops below vectorise.
+// Inputs below -87 give ~1e-38 instead of 0, which no softmax sum can tell apart.
+static inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer without a libm call
+  float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MIRAI_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MIRAI_CLONES
+#endif
+
+// p[j] = exp(s[j] - shift) for j < n; returns the sum.
+MIRAI_CLONES float exp_shift_sum(const float* s, float* p, int n, float shift) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int j = 0; j < n; ++j) {
+    const float e = exp_approx(s[j] - shift);
+    p[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// ds[j] = p[j] * (dp[j] - d) for j < n, in place on dp.
+MIRAI_CLONES void softmax_grad(const float* p, float* dp, int n, float d) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
+}
+
+MIRAI_CLONES float row_max(const float* s, int n) {
+  // 16 independent lanes: a plain max reduction does not vectorise without -ffast-math.
+  float lanes[16];
+  for (int l = 0; l < 16; ++l) lanes[l] = kNegInf;
+  int j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] = s[j + l] > lanes[l] ? s[j + l] : lanes[l];
+  float m = kNegInf;
+  for (int l = 0; l < 16; ++l) m = lanes[l] > m ? lanes[l] : m;
+  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+MIRAI_CLONES void scale_row(float* x, int n, float a) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) x[j] *= a;
+}
+
+// One online-softmax accumulator over a tile of rows: running max, running sum, unnormalised output.
+struct Accumulator {
+  std::vector<float> m, l, acc;
+  void reset(int rows, int dim) {
+    m.assign(rows, kNegInf);
+    l.assign(rows, 0.f);
+    acc.assign((size_t)rows * dim, 0.f);
+  }
+  // Fold scores s[0..n) of row r into the running state; writes their probabilities (w.r.t. the new max) to p.
+  void update_row(int r, const float* s, float* p, int n, int dim) {
+    if (n <= 0) return;
+    const float m_new = std::max(m[r], row_max(s, n));
+    const float corr = m[r] == kNegInf ? 0.f : exp_approx(m[r] - m_new);
+    if (corr != 1.f) scale_row(acc.data() + (size_t)r * dim, dim, corr);
+    l[r] = l[r] * corr + exp_shift_sum(s, p, n, m_new);
+    m[r] = m_new;
+  }
+};
+
+template <typename T>
+void load_rows(const T* src, int64_t row_stride, int rows, int dim, float scale, float* dst) {
+  for (int i = 0; i < rows; ++i) {
+    const T* s = src + i * row_stride;
+    float* d = dst + (size_t)i * dim;
+    for (int j = 0; j < dim; ++j) d[j] = scale * static_cast<float>(s[j]);
+  }
+}
+
+struct Strides {
+  int64_t b, s, h;
+};
+
+Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+template <typename T>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float softmax_scale,
+                    bool want_c, bool want_b, at::Tensor& out_c, at::Tensor& out_b, at::Tensor& lse_c,
+                    at::Tensor& lse_b) {
+  const int64_t B = q.size(0), H = q.size(2), Hk = k.size(2);
+  const int S = (int)q.size(1), D = (int)q.size(3);
+  const int64_t group = H / Hk;
+  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v);
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  T* oc = want_c ? out_c.mutable_data_ptr<T>() : nullptr;
+  T* ob = want_b ? out_b.mutable_data_ptr<T>() : nullptr;
+  float* lc = want_c ? lse_c.mutable_data_ptr<float>() : nullptr;
+  float* lb = want_b ? lse_b.mutable_data_ptr<float>() : nullptr;
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> Q((size_t)S * D), K((size_t)S * D), V((size_t)S * D);
+    const size_t tile = (size_t)kBlockQ * std::max(kBlockK, kBlockQ);
+    std::vector<float> s_buf(tile), p_buf(tile),
+        pu_buf((size_t)kBlockQ * kBlockQ);
+    Accumulator C, U;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, hk = h / group;
+      load_rows(qp + b * sq.b + h * sq.h, sq.s, S, D, softmax_scale, Q.data());
+      load_rows(kp + b * sk.b + hk * sk.h, sk.s, S, D, 1.f, K.data());
+      load_rows(vp + b * sv.b + hk * sv.h, sv.s, S, D, 1.f, V.data());
+      for (int i0 = 0; i0 < S; i0 += kBlockQ) {
+        const int bq = std::min(kBlockQ, S - i0);
+        const float* Qt = Q.data() + (size_t)i0 * D;
+        C.reset(bq, D);
+        U.reset(bq, D);
+        // Region C: keys [0, i0), all visible to every row of the tile.
+        for (int j0 = 0; j0 < i0; j0 += kBlockK) {
+          const int n = std::min(kBlockK, i0 - j0);
+          gemm(false, true, bq, n, D, 1.f, Qt, D, K.data() + (size_t)j0 * D, D, 0.f, s_buf.data(), n);
+          for (int r = 0; r < bq; ++r) C.update_row(r, s_buf.data() + (size_t)r * n, p_buf.data() + (size_t)r * n, n, D);
+          gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, V.data() + (size_t)j0 * D, D, 1.f, C.acc.data(), D);
+        }
+        // Diagonal block: keys [i0, i0 + bq); row r sees columns 0..r causally, r+1.. only bidirectionally.
+        {
+          const int n = bq;
+          const float* Kd = K.data() + (size_t)i0 * D;
+          const float* Vd = V.data() + (size_t)i0 * D;
+          gemm(false, true, bq, n, D, 1.f, Qt, D, Kd, D, 0.f, s_buf.data(), n);
+          for (int r = 0; r < bq; ++r) {
+            float* s = s_buf.data() + (size_t)r * n;
+            float* pc = p_buf.data() + (size_t)r * n;
+            C.update_row(r, s, pc, r + 1, D);
+            std::fill(pc + r + 1, pc + n, 0.f);
+            if (want_b) {
+              float* pu = pu_buf.data() + (size_t)r * n;
+              std::fill(pu, pu + r + 1, 0.f);
+              U.update_row(r, s + r + 1, pu + r + 1, n - r - 1, D);
+            }
+          }
+          gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, Vd, D, 1.f, C.acc.data(), D);
+          if (want_b) gemm(false, false, bq, D, n, 1.f, pu_buf.data(), n, Vd, D, 1.f, U.acc.data(), D);
+        }
+        // Region U: keys [i0 + bq, S), all in every row's future.
+        if (want_b) {
+          for (int j0 = i0 + bq; j0 < S; j0 += kBlockK) {
+            const int n = std::min(kBlockK, S - j0);
+            gemm(false, true, bq, n, D, 1.f, Qt, D, K.data() + (size_t)j0 * D, D, 0.f, s_buf.data(), n);
+            for (int r = 0; r < bq; ++r)
+              U.update_row(r, s_buf.data() + (size_t)r * n, p_buf.data() + (size_t)r * n, n, D);
+            gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, V.data() + (size_t)j0 * D, D, 1.f, U.acc.data(), D);
+          }
+        }
+        // Finish: normalise C; merge C and U by log-sum-exp for the bidirectional row.
+        for (int r = 0; r < bq; ++r) {
+          const int64_t i = i0 + r;
+          const float* ac = C.acc.data() + (size_t)r * D;
+          const float* au = U.acc.data() + (size_t)r * D;
+          const int64_t orow = ((b * S + i) * H + h) * D;
+          if (want_c) {
+            const float inv = 1.f / C.l[r];
+            for (int d = 0; d < D; ++d) oc[orow + d] = static_cast<T>(ac[d] * inv);
+            lc[(b * H + h) * S + i] = C.m[r] + std::log(C.l[r]);
+          }
+          if (want_b) {
+            const float mx = std::max(C.m[r], U.m[r]);
+            const float wc = std::exp(C.m[r] - mx);
+            const float wu = U.l[r] > 0.f ? std::exp(U.m[r] - mx) : 0.f;
+            const float denom = C.l[r] * wc + U.l[r] * wu;
+            const float ic = wc / denom, iu = wu / denom;
+            for (int d = 0; d < D; ++d) ob[orow + d] = static_cast<T>(ac[d] * ic + au[d] * iu);
+            lb[(b * H + h) * S + i] = mx + std::log(denom);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_attention_fwd_cpp(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softmax_scale, bool causal,
+    bool bidirectional, bool bidirectional_grad) {
+  (void)bidirectional_grad;  // read by the autograd formula only
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "dual_attention: q, k, v must be 4-D (B, S, H, D)");
+  TORCH_CHECK(k.sizes() == v.sizes(), "dual_attention: k and v shapes differ");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "dual_attention: q and k must agree on batch, seqlen and head_dim");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "dual_attention: nheads_k must divide nheads");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "dual_attention: q, k, v dtypes differ");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "dual_attention: the last dim of q, k, v must be contiguous");
+  TORCH_CHECK(q.device().is_cpu(), "dual_attention_fwd_cpp: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "dual_attention_fwd_cpp: dtype must be float32, bfloat16 or float16, got ", q.scalar_type());
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2);
+  auto opts = q.options();
+  auto fopts = opts.dtype(at::kFloat);
+  at::Tensor out_c = causal ? at::empty_like(q, at::MemoryFormat::Contiguous) : at::empty({0}, opts);
+  at::Tensor out_b = bidirectional ? at::empty_like(q, at::MemoryFormat::Contiguous) : at::empty({0}, opts);
+  at::Tensor lse_c = causal ? at::empty({B, H, S}, fopts) : at::empty({0}, fopts);
+  at::Tensor lse_b = bidirectional ? at::empty({B, H, S}, fopts) : at::empty({0}, fopts);
+  if (q.numel() > 0 && (causal || bidirectional)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "dual_attention_fwd_cpp", [&] {
+      forward_kernel<scalar_t>(q, k, v, (float)softmax_scale, causal, bidirectional, out_c, out_b, lse_c, lse_b);
+    });
+  }
+  return {out_c, out_b, lse_c, lse_b};
+}
+
+// Per query row, the backward reads one (lse, dO, D) triple for C keys and one for U keys (MIRAI_SPEC.md):
+// with both gradients alpha = exp(lse_c - lse_b), C uses (lse_c, dO_c + alpha dO_b, D_c + alpha D_b) and U uses
+// (lse_b, dO_b, D_b); with only the causal gradient C uses (lse_c, dO_c, D_c) and U is skipped; with only the
+// bidirectional gradient both use (lse_b, dO_b, D_b).
+template <typename T>
+void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out_c,
+                     const at::Tensor& out_b, const at::Tensor& lse_c, const at::Tensor& lse_b,
+                     const at::Tensor& dout_c, const at::Tensor& dout_b, bool has_c, bool has_b,
+                     float softmax_scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = q.size(0), H = q.size(2), Hk = k.size(2);
+  const int S = (int)q.size(1), D = (int)q.size(3);
+  const int64_t group = H / Hk;
+  const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v);
+  Strides soc{}, sob{}, sdoc{}, sdob{};
+  if (has_c) soc = strides_of(out_c), sdoc = strides_of(dout_c);
+  if (has_b) sob = strides_of(out_b), sdob = strides_of(dout_b);
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const T* ocp = has_c ? out_c.const_data_ptr<T>() : nullptr;
+  const T* obp = has_b ? out_b.const_data_ptr<T>() : nullptr;
+  const T* docp = has_c ? dout_c.const_data_ptr<T>() : nullptr;
+  const T* dobp = has_b ? dout_b.const_data_ptr<T>() : nullptr;
+  // lse tensors are made contiguous by the caller
+  const float* lcp = has_c ? lse_c.const_data_ptr<float>() : nullptr;
+  const float* lbp = has_b ? lse_b.const_data_ptr<float>() : nullptr;
+  T* dqp = dq.mutable_data_ptr<T>();
+  T* dkp = dk.mutable_data_ptr<T>();
+  T* dvp = dv.mutable_data_ptr<T>();
+
+  at::parallel_for(0, B * Hk, 1, [&](int64_t begin, int64_t end) {
+    const size_t SD = (size_t)S * D;
+    std::vector<float> Q(SD), K(SD), V(SD), dQ(SD), dK(SD), dV(SD), dOC(SD), dOU(SD), tmp(SD);
+    std::vector<float> lseC(S), lseU(S), DC(S), DU(S);
+    const size_t tile = (size_t)kBlockQ * std::max(kBlockK, kBlockQ);
+    std::vector<float> s_buf(tile), p_buf(tile),
+        dp_buf(tile), pu_buf((size_t)kBlockQ * kBlockQ), dpu_buf((size_t)kBlockQ * kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hk, hk = task % Hk;
+      load_rows(kp + b * sk.b + hk * sk.h, sk.s, S, D, 1.f, K.data());
+      load_rows(vp + b * sv.b + hk * sv.h, sv.s, S, D, 1.f, V.data());
+      std::fill(dK.begin(), dK.end(), 0.f);
+      std::fill(dV.begin(), dV.end(), 0.f);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        load_rows(qp + b * sq.b + h * sq.h, sq.s, S, D, softmax_scale, Q.data());
+        std::fill(dQ.begin(), dQ.end(), 0.f);
+        // Row terms D = rowsum(dO * O) and the per-region (lse, dO, D) triples.
+        if (has_c) {
+          load_rows(docp + b * sdoc.b + h * sdoc.h, sdoc.s, S, D, 1.f, dOC.data());
+          load_rows(ocp + b * soc.b + h * soc.h, soc.s, S, D, 1.f, tmp.data());
+          for (int i = 0; i < S; ++i) {
+            float acc = 0.f;
+            for (int d = 0; d < D; ++d) acc += dOC[(size_t)i * D + d] * tmp[(size_t)i * D + d];
+            DC[i] = acc;
+            lseC[i] = lcp[(b * H + h) * S + i];
+          }
+        }
+        if (has_b) {
+          load_rows(dobp + b * sdob.b + h * sdob.h, sdob.s, S, D, 1.f, dOU.data());
+          load_rows(obp + b * sob.b + h * sob.h, sob.s, S, D, 1.f, tmp.data());
+          for (int i = 0; i < S; ++i) {
+            float acc = 0.f;
+            for (int d = 0; d < D; ++d) acc += dOU[(size_t)i * D + d] * tmp[(size_t)i * D + d];
+            DU[i] = acc;
+            lseU[i] = lbp[(b * H + h) * S + i];
+          }
+          if (has_c) {
+            for (int i = 0; i < S; ++i) {
+              const float alpha = std::exp(lseC[i] - lseU[i]);
+              float* row = dOC.data() + (size_t)i * D;
+              const float* rowu = dOU.data() + (size_t)i * D;
+              for (int d = 0; d < D; ++d) row[d] += alpha * rowu[d];
+              DC[i] += alpha * DU[i];
+            }
+          } else {
+            std::copy(dOU.begin(), dOU.end(), dOC.begin());
+            std::copy(DU.begin(), DU.end(), DC.begin());
+            std::copy(lseU.begin(), lseU.end(), lseC.begin());
+          }
+        }
+        for (int i0 = 0; i0 < S; i0 += kBlockQ) {
+          const int bq = std::min(kBlockQ, S - i0);
+          const float* Qt = Q.data() + (size_t)i0 * D;
+          float* dQt = dQ.data() + (size_t)i0 * D;
+          const float* dOCt = dOC.data() + (size_t)i0 * D;
+          const float* dOUt = dOU.data() + (size_t)i0 * D;
+          // A chunk of keys [j0, j0+n) that is entirely C (or entirely U) for this tile.
+          auto full_chunk = [&](int j0, int n, const float* dOt, const float* lse, const float* Drow) {
+            const float* Kc = K.data() + (size_t)j0 * D;
+            const float* Vc = V.data() + (size_t)j0 * D;
+            gemm(false, true, bq, n, D, 1.f, Qt, D, Kc, D, 0.f, s_buf.data(), n);
+            gemm(false, true, bq, n, D, 1.f, dOt, D, Vc, D, 0.f, dp_buf.data(), n);
+            for (int r = 0; r < bq; ++r) {
+              exp_shift_sum(s_buf.data() + (size_t)r * n, p_buf.data() + (size_t)r * n, n, lse[i0 + r]);
+              softmax_grad(p_buf.data() + (size_t)r * n, dp_buf.data() + (size_t)r * n, n, Drow[i0 + r]);
+            }
+            gemm(true, false, n, D, bq, 1.f, p_buf.data(), n, dOt, D, 1.f, dV.data() + (size_t)j0 * D, D);
+            gemm(true, false, n, D, bq, 1.f, dp_buf.data(), n, Qt, D, 1.f, dK.data() + (size_t)j0 * D, D);
+            gemm(false, false, bq, D, n, 1.f, dp_buf.data(), n, Kc, D, 1.f, dQt, D);
+          };
+          for (int j0 = 0; j0 < i0; j0 += kBlockK) full_chunk(j0, std::min(kBlockK, i0 - j0), dOCt, lseC.data(), DC.data());
+          {
+            // Diagonal block: C probabilities on and below the diagonal, U above; dS merges both.
+            const int n = bq;
+            const float* Kd = K.data() + (size_t)i0 * D;
+            const float* Vd = V.data() + (size_t)i0 * D;
+            const bool u = has_b;
+            gemm(false, true, bq, n, D, 1.f, Qt, D, Kd, D, 0.f, s_buf.data(), n);
+            gemm(false, true, bq, n, D, 1.f, dOCt, D, Vd, D, 0.f, dp_buf.data(), n);
+            if (u) gemm(false, true, bq, n, D, 1.f, dOUt, D, Vd, D, 0.f, dpu_buf.data(), n);
+            for (int r = 0; r < bq; ++r) {
+              const int i = i0 + r;
+              const float* s = s_buf.data() + (size_t)r * n;
+              float* pc = p_buf.data() + (size_t)r * n;
+              float* dpc = dp_buf.data() + (size_t)r * n;
+              exp_shift_sum(s, pc, r + 1, lseC[i]);
+              softmax_grad(pc, dpc, r + 1, DC[i]);
+              std::fill(pc + r + 1, pc + n, 0.f);
+              if (u) {
+                float* pu = pu_buf.data() + (size_t)r * n;
+                const float* dpu = dpu_buf.data() + (size_t)r * n;
+                std::fill(pu, pu + r + 1, 0.f);
+                exp_shift_sum(s + r + 1, pu + r + 1, n - r - 1, lseU[i]);
+                for (int j = r + 1; j < n; ++j) dpc[j] = pu[j] * (dpu[j] - DU[i]);
+              } else {
+                std::fill(dpc + r + 1, dpc + n, 0.f);
+              }
+            }
+            gemm(true, false, n, D, bq, 1.f, p_buf.data(), n, dOCt, D, 1.f, dV.data() + (size_t)i0 * D, D);
+            if (u) gemm(true, false, n, D, bq, 1.f, pu_buf.data(), n, dOUt, D, 1.f, dV.data() + (size_t)i0 * D, D);
+            gemm(true, false, n, D, bq, 1.f, dp_buf.data(), n, Qt, D, 1.f, dK.data() + (size_t)i0 * D, D);
+            gemm(false, false, bq, D, n, 1.f, dp_buf.data(), n, Kd, D, 1.f, dQt, D);
+          }
+          if (has_b) {
+            const float* dOt = has_c ? dOUt : dOCt;  // identical contents when only the bidirectional grad flows
+            for (int j0 = i0 + bq; j0 < S; j0 += kBlockK)
+              full_chunk(j0, std::min(kBlockK, S - j0), dOt, lseU.data(), DU.data());
+          }
+        }
+        T* dqrow = dqp + (b * S * H + h) * D;
+        for (int i = 0; i < S; ++i)
+          for (int d = 0; d < D; ++d) dqrow[(int64_t)i * H * D + d] = static_cast<T>(softmax_scale * dQ[(size_t)i * D + d]);
+      }
+      T* dkrow = dkp + (b * S * Hk + hk) * D;
+      T* dvrow = dvp + (b * S * Hk + hk) * D;
+      for (int i = 0; i < S; ++i)
+        for (int d = 0; d < D; ++d) {
+          dkrow[(int64_t)i * Hk * D + d] = static_cast<T>(dK[(size_t)i * D + d]);
+          dvrow[(int64_t)i * Hk * D + d] = static_cast<T>(dV[(size_t)i * D + d]);
+        }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_attention_bwd_cpp(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& out_c,
+    const std::optional<at::Tensor>& out_b, const std::optional<at::Tensor>& lse_c,
+    const std::optional<at::Tensor>& lse_b, const std::optional<at::Tensor>& dout_c,
+    const std::optional<at::Tensor>& dout_b, double softmax_scale) {
+  const bool has_c = dout_c.has_value() && dout_c->defined();
+  const bool has_b = dout_b.has_value() && dout_b->defined();
+  TORCH_CHECK(q.device().is_cpu(), "dual_attention_bwd_cpp: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "dual_attention_bwd_cpp: dtype must be float32, bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "dual_attention_bwd_cpp: the last dim of q, k, v must be contiguous");
+  at::Tensor oc, ob, lc, lb, doc, dob;
+  if (has_c) {
+    TORCH_CHECK(out_c.has_value() && lse_c.has_value(), "dual_attention_bwd_cpp: dout_c needs out_c and lse_c");
+    oc = out_c->stride(3) == 1 ? *out_c : out_c->contiguous();
+    doc = dout_c->stride(3) == 1 ? *dout_c : dout_c->contiguous();
+    lc = lse_c->contiguous();
+    TORCH_CHECK(oc.sizes() == q.sizes() && doc.sizes() == q.sizes(), "dual_attention_bwd_cpp: out_c/dout_c shape");
+  }
+  if (has_b) {
+    TORCH_CHECK(out_b.has_value() && lse_b.has_value(), "dual_attention_bwd_cpp: dout_b needs out_b and lse_b");
+    ob = out_b->stride(3) == 1 ? *out_b : out_b->contiguous();
+    dob = dout_b->stride(3) == 1 ? *dout_b : dout_b->contiguous();
+    lb = lse_b->contiguous();
+    TORCH_CHECK(ob.sizes() == q.sizes() && dob.sizes() == q.sizes(), "dual_attention_bwd_cpp: out_b/dout_b shape");
+  }
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  if (!has_c && !has_b) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  if (q.numel() == 0) return {dq, dk, dv};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "dual_attention_bwd_cpp", [&] {
+    backward_kernel<scalar_t>(q, k, v, oc, ob, lc, lb, doc, dob, has_c, has_b, (float)softmax_scale, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace mirai_dual_attention
+
+TORCH_LIBRARY_FRAGMENT(mirai, m) {
+  m.def(
+      "dual_attention_fwd_cpp(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, bool bidirectional, "
+      "bool bidirectional_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dual_attention_bwd_cpp(Tensor q, Tensor k, Tensor v, Tensor? out_c, Tensor? out_b, Tensor? lse_c, "
+      "Tensor? lse_b, Tensor? dout_c, Tensor? dout_b, float softmax_scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mirai, CPU, m) {
+  m.impl("dual_attention_fwd_cpp", &mirai_dual_attention::dual_attention_fwd_cpp);
+  m.impl("dual_attention_bwd_cpp", &mirai_dual_attention::dual_attention_bwd_cpp);
+}

@@ -1,0 +1,54 @@
+"""Dual (causal + bidirectional) attention in plain PyTorch: the specification the fast faces are held to.
+
+For queries ``q`` and keys/values ``k, v`` in ``(batch, seqlen, nheads, head_dim)`` layout and scores
+``s_ij = softmax_scale * q_i . k_j``:
+
+* the causal output row ``i`` is ``softmax_{j <= i}(s_ij) @ v`` with log-sum-exp ``lse_c[i] = logsumexp_{j <= i} s_ij``;
+* the bidirectional output row ``i`` is ``softmax_{all j}(s_ij) @ v`` with ``lse_b[i] = logsumexp_j s_ij``.
+
+This is simply two ordinary attentions; the fast faces get both from one pass over the keys (MIRAI_SPEC.md, "The
+shared bidirectional pass"). Grouped K/V (``nheads_k`` dividing ``nheads``) maps query head ``h`` to K/V head
+``h // (nheads // nheads_k)``, as FlashAttention does. Gradients come from PyTorch autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+OUTPUTS = ("both", "causal", "bidirectional")
+
+
+def dual_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    outputs: str = "both",
+):
+    """Returns ``(out_causal, out_bidir, lse_causal, lse_bidir)``; entries for an output not requested are None.
+
+    Computes in the inputs' precision, at least fp32. Outputs are in the inputs' dtype ``(batch, seqlen, nheads,
+    head_dim)``; LSEs are ``(batch, nheads, seqlen)`` in the compute dtype (fp32, or fp64 for fp64 inputs)."""
+    if outputs not in OUTPUTS:
+        raise ValueError(f"outputs must be one of {OUTPUTS}, got {outputs!r}")
+    compute = torch.promote_types(q.dtype, torch.float32)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    groups = q.shape[2] // k.shape[2]
+    qh = q.to(compute).transpose(1, 2)  # (B, H, S, D)
+    kh = k.to(compute).transpose(1, 2).repeat_interleave(groups, dim=1)
+    vh = v.to(compute).transpose(1, 2).repeat_interleave(groups, dim=1)
+    scores = softmax_scale * (qh @ kh.transpose(-1, -2))  # (B, H, S, S)
+    seqlen = q.shape[1]
+    out_c = out_b = lse_c = lse_b = None
+    if outputs in ("both", "causal"):
+        future = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
+        masked = scores.masked_fill(future, float("-inf"))
+        lse_c = torch.logsumexp(masked, dim=-1)
+        out_c = (torch.exp(masked - lse_c[..., None]) @ vh).transpose(1, 2).to(q.dtype)
+    if outputs in ("both", "bidirectional"):
+        lse_b = torch.logsumexp(scores, dim=-1)
+        out_b = (torch.exp(scores - lse_b[..., None]) @ vh).transpose(1, 2).to(q.dtype)
+    return out_c, out_b, lse_c, lse_b
