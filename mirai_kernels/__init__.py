@@ -4,6 +4,8 @@ Public API (every op function takes ``backend=None``; see :mod:`mirai_kernels.ba
 
 * :func:`rope_2d_table`, :func:`apply_rope_2d` — LlamaGen's 2D rotary embedding; :class:`Rope2D` module.
 * :func:`decode_attention` — KV-cache decode attention (in-place append, RoPE, split-KV).
+* :func:`foresight_cosine_loss`, :func:`fused_linear_cosine_loss`, :func:`grid_to_sequence` — Mirai's
+  multi-offset foresight loss (shifted cosine, optionally fused with the heads' last Linear).
 * backend control: :func:`set_backend`, :func:`use_backend`, :func:`get_backend`, :func:`available_faces`.
 """
 
@@ -11,6 +13,7 @@ from .backend import BackendUnavailableError, available_faces, get_backend, set_
 from .modules import Rope2D
 from .ops.rope import apply_rope_2d, rope_2d_table
 from .ops.decode import decode_attention
+from .ops.foresight import foresight_cosine_loss, fused_linear_cosine_loss, grid_to_sequence
 
 __version__ = "0.1.0"
 
@@ -20,6 +23,9 @@ __all__ = [
     "apply_rope_2d",
     "available_faces",
     "decode_attention",
+    "foresight_cosine_loss",
+    "fused_linear_cosine_loss",
+    "grid_to_sequence",
     "get_backend",
     "rope_2d_table",
     "set_backend",

@@ -13,7 +13,6 @@ Cosine convention (shared by every face): ``cos(s, t) = <s, t> / (max(|s|, EPS) 
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -69,7 +68,6 @@ def parse_offsets(offsets, grid) -> tuple[tuple[int, int, int], ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=256)
 def _pairing_list(n, grid, prefix, offsets, boundary, align_prefix):
     h, w = grid
     table = []
