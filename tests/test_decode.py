@@ -435,3 +435,12 @@ def test_gpu_cuda_graph_capture_and_replay(face):
         torch.testing.assert_close(k_cache, k_ref, atol=1e-3, rtol=1e-3)
         seqlens += 1
         ref_seqlens += 1
+
+
+def test_cuda_extension_registers_the_op_when_built():
+    if not B.cuda_ext_available():
+        pytest.skip("CUDA extension not built")
+    if not hasattr(torch.ops.mirai, "decode_attention_cuda"):
+        pytest.skip("mirai_kernels._C_cuda predates csrc/cuda/decode.cu (rebuild with MIRAI_CUDA=1)")
+    schema = str(torch.ops.mirai.decode_attention_cuda.default._schema)
+    assert "Tensor(a!) k_cache" in schema and "Tensor(b!) v_cache" in schema

@@ -131,6 +131,7 @@ def _decode_split_kernel(
     scale_log2,
     seqlen_q,
     max_seqlen,
+    num_splits,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -143,7 +144,6 @@ def _decode_split_kernel(
     NHEADS: tl.constexpr,
     NHEADS_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     APPEND: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -172,7 +172,7 @@ def _decode_split_kernel(
     last_key = length - seqlen_q + i  # bottom-right causal: row i sees keys <= last_key
 
     # Key range of this split: equal shares of this sequence's keys, in whole blocks.
-    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, length)
 
@@ -211,10 +211,10 @@ def _decode_split_kernel(
     has_keys = l_i > 0.0
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    # Partials are laid out (B, S_q, H, NUM_SPLITS[, D]) so the combine reads one contiguous block per row.
+    # Partials are laid out (B, S_q, H, num_splits[, D]) so the combine reads one contiguous block per row.
     row = (b64 * seqlen_q + i) * NHEADS + head
-    tl.store(part_lse_ptr + row * NUM_SPLITS + split, lse, mask=row_ok)
-    o_ptrs = part_o_ptr + (row * NUM_SPLITS + split)[:, None] * HEAD_DIM + d[None, :]
+    tl.store(part_lse_ptr + row * num_splits + split, lse, mask=row_ok)
+    o_ptrs = part_o_ptr + (row * num_splits + split)[:, None] * HEAD_DIM + d[None, :]
     tl.store(o_ptrs, o, mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -223,21 +223,21 @@ def _decode_combine_kernel(
     part_o_ptr,
     part_lse_ptr,
     out_ptr,
+    num_splits,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # (b * S_q + i) * H + h; out is contiguous (B, S_q, H, D)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_ok = s < NUM_SPLITS
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
+    s_ok = s < num_splits
+    lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m_safe)  # 0 for empty splits
     mask = s_ok[:, None] & (d < HEAD_DIM)[None, :]
-    o = tl.load(part_o_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    o = tl.load(part_o_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -263,14 +263,13 @@ def _block_n(head_dim: int) -> int:
 
 def num_splits_heuristic(batch: int, nheads_kv: int, max_seqlen: int, device: torch.device) -> int:
     """Splits per (batch, kv head) when the caller passes ``num_splits=0``. Static shapes only (not the
-    ``cache_seqlens`` values), so a CUDA-graph-captured step keeps its grid: enough programs to fill the GPU about
-    twice, each with at least ~2 key blocks of the full cache."""
+    ``cache_seqlens`` values), so a CUDA-graph-captured step keeps its grid: about eight programs per SM (latency
+    hiding for a bandwidth-bound loop), each split keeping >= 128 keys of a full cache."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        sms = 4  # interpreter: a few splits, to exercise the combine
-    tasks = batch * nheads_kv
-    by_occupancy = triton.cdiv(2 * sms, max(tasks, 1))
+        target = 8  # interpreter: a few splits, to exercise the combine without many serial programs
+    by_occupancy = triton.cdiv(target, max(batch * nheads_kv, 1))
     by_length = max(1, max_seqlen // 128)
     return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
 
@@ -350,13 +349,13 @@ def decode_attention(
         softmax_scale * _LOG2E,
         seqlen_q,
         k_cache.shape[1],
+        num_splits,
         *q_attn.stride()[:3],
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
         NHEADS=nheads,
         NHEADS_KV=nheads_kv,
         HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits,
         APPEND=append,
         IEEE=q.dtype == torch.float32,
         BLOCK_M=block_m,
@@ -369,10 +368,75 @@ def decode_attention(
         part_o,
         part_lse,
         out,
+        num_splits,
         HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits,
         BLOCK_S=triton.next_power_of_2(num_splits),
         BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
     )
     return out
+
+
+def aot_specs() -> list[dict]:
+    """Every kernel configuration this module launches on a GPU, for the sm_90 ahead-of-time compile check
+    (``python -m mirai_kernels.triton.aot_check``); format of :func:`mirai_kernels.triton.rope.aot_specs`. Covered:
+    fp16/bf16/fp32, head dims 64 and 128, 12 heads (GPT-B; MHA) and 16:2 (GQA), S_q 1 and 4."""
+    specs = []
+    i32 = "i32"
+    for dtype in ("fp16", "bf16", "fp32"):
+        for head_dim in (64, 128):
+            for append, rope in ((True, True), (True, False), (False, True)):
+                for nheads, nheads_kv in ((12, 12), (16, 2)) if dtype == "fp16" else ((12, 12),):
+                    signature = {
+                        "q_ptr": f"*{dtype}", "q_out_ptr": f"*{dtype}", "k_new_ptr": f"*{dtype}",
+                        "v_new_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+                        "seqlens_ptr": "*i32", "table_ptr": "*fp32" if rope else "*i32",
+                    }
+                    signature.update({name: i32 for name in _decode_prep_kernel.arg_names
+                                      if name not in signature and not name.isupper()})
+                    specs.append({
+                        "name": f"decode_prep[{dtype},hd{head_dim},h{nheads}/{nheads_kv},append={append},rope={rope}]",
+                        "fn": _decode_prep_kernel,
+                        "signature": signature,
+                        "constexprs": {
+                            "NHEADS": nheads, "NHEADS_KV": nheads_kv, "HEAD_DIM": head_dim, "APPEND": append,
+                            "ROPE": rope, "BLOCK_H": triton.next_power_of_2(nheads),
+                            "BLOCK_P": triton.next_power_of_2(head_dim // 2),
+                            "BLOCK_D": triton.next_power_of_2(head_dim),
+                        },
+                        "num_warps": 4,
+                        "num_stages": 3,
+                    })
+            for (nheads, nheads_kv, seqlen_q) in ((12, 12, 1), (16, 2, 1), (16, 2, 4), (12, 12, 8)):
+                for append in (True, False) if seqlen_q == 1 and nheads == 12 else (True,):
+                    signature = {
+                        "q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+                        "seqlens_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "scale_log2": "fp32",
+                    }
+                    signature.update({name: i32 for name in _decode_split_kernel.arg_names
+                                      if name not in signature and not name.isupper()})
+                    block_m = _block_m(seqlen_q * (nheads // nheads_kv))
+                    specs.append({
+                        "name": f"decode_split[{dtype},hd{head_dim},h{nheads}/{nheads_kv},sq{seqlen_q},append={append}]",
+                        "fn": _decode_split_kernel,
+                        "signature": signature,
+                        "constexprs": {
+                            "NHEADS": nheads, "NHEADS_KV": nheads_kv, "HEAD_DIM": head_dim, "APPEND": append,
+                            "IEEE": dtype == "fp32", "BLOCK_M": block_m, "BLOCK_N": 64 if head_dim <= 64 else 32,
+                            "BLOCK_D": head_dim,
+                        },
+                        "num_warps": 4,
+                        "num_stages": 2,
+                    })
+            for block_s in (1, 4, 16, 64):
+                specs.append({
+                    "name": f"decode_combine[{dtype},hd{head_dim},splits<={block_s}]",
+                    "fn": _decode_combine_kernel,
+                    "signature": {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                                  "num_splits": i32},
+                    "constexprs": {"HEAD_DIM": head_dim, "BLOCK_S": block_s,
+                                   "BLOCK_D": triton.next_power_of_2(head_dim)},
+                    "num_warps": 4,
+                    "num_stages": 3,
+                })
+    return specs
