@@ -1,0 +1,209 @@
+"""The door of dual (causal + bidirectional) attention: input checks, the face ops, and :func:`dual_attention`.
+
+Face ops (one forward and one backward per fast face, same schemas everywhere):
+
+* ``mirai::dual_attention_fwd_<face>(q, k, v, softmax_scale, causal, bidirectional, bidirectional_grad)
+  -> (out_causal, out_bidir, lse_causal, lse_bidir)``: an output not requested comes back as an empty tensor
+  (shape ``(0,)``) and is not computed. ``bidirectional_grad`` does not change the forward; it tells the autograd
+  formula whether the bidirectional output's gradient flows (decided here, at forward time, because autograd hands
+  zeros rather than None for outputs the loss ignores).
+* ``mirai::dual_attention_bwd_<face>(q, k, v, out_c?, out_b?, lse_c?, lse_b?, dout_c?, dout_b?, softmax_scale)
+  -> (dq, dk, dv)``: a None upstream gradient skips its share of the work (a None ``dout_b`` skips every key
+  tile above the diagonal).
+
+Faces: ``cpp`` (csrc/dual_attention.cpp), ``triton`` (``custom_op`` below; CUDA, or CPU under the interpreter) and
+the plain-PyTorch ``reference`` (autograd by PyTorch). The LSEs are never differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import backend as _backend
+from ..reference import dual_attention as _reference
+
+OP = "dual_attention"
+_backend.register_op_faces(OP, ("reference", "triton", "cpp"))
+
+OUTPUTS = ("both", "causal", "bidirectional")
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Face ops
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mirai::dual_attention_fwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _dual_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                               causal: bool, bidirectional: bool, bidirectional_grad: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import dual_attention as kernels  # lazy: Triton is optional and reads TRITON_INTERPRET
+
+    return kernels.dual_attention_fwd(q, k, v, softmax_scale, causal, bidirectional)
+
+
+@torch.library.custom_op("mirai::dual_attention_bwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _dual_attention_bwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_c: Optional[torch.Tensor],
+                               out_b: Optional[torch.Tensor], lse_c: Optional[torch.Tensor],
+                               lse_b: Optional[torch.Tensor], dout_c: Optional[torch.Tensor],
+                               dout_b: Optional[torch.Tensor], softmax_scale: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..triton import dual_attention as kernels
+
+    return kernels.dual_attention_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, softmax_scale)
+
+
+def _fake_fwd(q, k, v, softmax_scale, causal, bidirectional, bidirectional_grad):
+    batch, seqlen, nheads, _ = q.shape
+    out = lambda want: q.new_empty(q.shape) if want else q.new_empty(0)  # noqa: E731
+    lse = lambda want: q.new_empty((batch, nheads, seqlen), dtype=torch.float32) if want else q.new_empty(  # noqa: E731
+        0, dtype=torch.float32)
+    return out(causal), out(bidirectional), lse(causal), lse(bidirectional)
+
+
+def _fake_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    # Faces need a unit last-dim stride; autograd can hand expanded (e.g. from .sum()) or transposed gradients.
+    return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _register(face: str) -> None:
+    fwd, bwd = f"mirai::dual_attention_fwd_{face}", f"mirai::dual_attention_bwd_{face}"
+    bwd_op = getattr(torch.ops.mirai, f"dual_attention_bwd_{face}")
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, softmax_scale, causal, bidirectional, bidirectional_grad = inputs
+        out_c, out_b, lse_c, lse_b = output
+        ctx.mark_non_differentiable(lse_c, lse_b)
+        ctx.has_c, ctx.has_b = causal, bidirectional and bidirectional_grad
+        ctx.softmax_scale = softmax_scale
+        ctx.save_for_backward(q, k, v, out_c, out_b, lse_c, lse_b)
+
+    def backward(ctx, grad_c, grad_b, _grad_lse_c, _grad_lse_b):
+        q, k, v, out_c, out_b, lse_c, lse_b = ctx.saved_tensors
+        dout_c = _unit_last_stride(grad_c) if ctx.has_c and grad_c is not None else None
+        dout_b = _unit_last_stride(grad_b) if ctx.has_b and grad_b is not None else None
+        if dout_c is None and dout_b is None:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+        dq, dk, dv = bwd_op(q, k, v, out_c if dout_c is not None else None, out_b if dout_b is not None else None,
+                            lse_c if dout_c is not None else None, lse_b if dout_b is not None else None,
+                            dout_c, dout_b, ctx.softmax_scale)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_fake(fwd)(_fake_fwd)
+    torch.library.register_fake(bwd)(_fake_bwd)
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+_register("triton")
+if _backend.cpp_available() and hasattr(torch.ops.mirai, "dual_attention_fwd_cpp"):
+    _register("cpp")
+
+
+def face_ops(face: str) -> dict:
+    """The ``torch.ops.mirai`` ops behind ``face`` (``triton`` or ``cpp``), for tests and opcheck."""
+    return {
+        "fwd": getattr(torch.ops.mirai, f"dual_attention_fwd_{face}").default,
+        "bwd": getattr(torch.ops.mirai, f"dual_attention_bwd_{face}").default,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_inputs(q, k, v, softmax_scale, outputs) -> None:
+    where = "dual_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{where}: {name} must be a 4-D (batch, seqlen, nheads, head_dim) tensor, got "
+                             f"{_describe(t)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{where}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        raise ValueError(f"{where}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, seqlen and "
+                         "head_dim (layout (batch, seqlen, nheads, head_dim))")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"{where}: nheads_k = {k.shape[2]} must divide nheads = {q.shape[2]} (grouped K/V)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{where}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _FAST_DTYPES + (torch.float64,):
+        raise TypeError(f"{where}: dtype must be float16, bfloat16 or float32 (float64: reference face), got "
+                        f"{q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{where}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{where}: {name} must have a unit stride in its last dim (got strides {t.stride()}); "
+                             "strided views of a fused qkv are fine, a transposed head_dim is not")
+    if outputs not in OUTPUTS:
+        raise ValueError(f"{where}: outputs must be one of {OUTPUTS}, got {outputs!r}")
+    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale)):
+        raise ValueError(f"{where}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
+
+
+def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: Optional[float] = None,
+                   outputs: str = "both", return_lse: bool = False, bidirectional_grad: bool = True,
+                   backend: Optional[str] = None):
+    """Causal and bidirectional attention over the same q, k, v from one pass over the keys.
+
+    Row ``i`` of the causal output attends to keys ``j <= i``, row ``i`` of the bidirectional output to all keys.
+    The fast faces compute both for the price of one full attention (and one full backward); see MIRAI_SPEC.md,
+    "The shared bidirectional pass".
+
+    Arguments:
+        q: ``(batch, seqlen, nheads, head_dim)``, float16 / bfloat16 / float32 (float64: reference face only).
+        k, v: ``(batch, seqlen, nheads_k, head_dim)``, q's dtype and device; ``nheads_k`` divides ``nheads`` (query
+            head ``h`` reads K/V head ``h // (nheads // nheads_k)``). q, k, v may be any strided views with a unit
+            last-dim stride (typically slices of one fused qkv projection).
+        softmax_scale: scale of ``q . k`` before the softmax; default ``1 / sqrt(head_dim)``.
+        outputs: ``"both"``, ``"causal"`` or ``"bidirectional"``. An output not requested is not computed in the
+            forward nor in the backward.
+        return_lse: also return the log-sum-exp of each row's scaled scores.
+        bidirectional_grad: when False the bidirectional output is returned detached (a stop-gradient target)
+            and the backward skips its key tiles entirely.
+        backend: ``None`` (current default, see :mod:`mirai_kernels.backend`), ``"auto"``, ``"reference"``,
+            ``"triton"`` or ``"cpp"``.
+    Return:
+        ``(out_causal, out_bidir)``, or with ``return_lse=True`` ``(out_causal, out_bidir, lse_causal, lse_bidir)``;
+        None for an output not requested. Outputs are ``(batch, seqlen, nheads, head_dim)`` contiguous in q's dtype
+        (fp32 accumulation); LSEs are ``(batch, nheads, seqlen)`` float32 (float64 for float64 inputs) and carry no
+        gradient. Both outputs are differentiable w.r.t. q, k, v with independent upstream gradients.
+    """
+    _check_inputs(q, k, v, softmax_scale, outputs)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    face = _backend.select_face(OP, q.device, backend)
+    if face == "reference":
+        out_c, out_b, lse_c, lse_b = _reference.dual_attention(q, k, v, scale, outputs)
+        if lse_c is not None:
+            lse_c = lse_c.detach()
+        if lse_b is not None:
+            lse_b = lse_b.detach()
+    else:
+        if q.dtype == torch.float64:
+            raise TypeError(f"dual_attention: the {face} face computes in fp32 and takes no float64 inputs "
+                            "(use backend='reference')")
+        want_c, want_b = outputs != "bidirectional", outputs != "causal"
+        out_c, out_b, lse_c, lse_b = getattr(torch.ops.mirai, f"dual_attention_fwd_{face}")(
+            q, k, v, scale, want_c, want_b, bidirectional_grad)
+        if not want_c:
+            out_c = lse_c = None
+        if not want_b:
+            out_b = lse_b = None
+    if out_b is not None and not bidirectional_grad:
+        out_b = out_b.detach()
+    if return_lse:
+        return out_c, out_b, lse_c, lse_b
+    return out_c, out_b
