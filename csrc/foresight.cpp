@@ -6,7 +6,8 @@
 // bwd(grad_cos) -> grad_proj (B, N, K, Z) contiguous, proj's dtype. Targets never get a gradient.
 // cos(s, t) = <s, t> / (max(|s|, eps) max(|t|, eps)), eps = 1e-6, as mirai_kernels/reference/foresight.py.
 //
-// mirai::fused_linear_cos_cpp: the foresight heads' last Linear fused with the cosine, gradients computed in the
+// mirai::fused_linear_cos_cpp: the foresight heads' last Linear (optionally preceded by a SiLU on x: silu_input)
+// fused with the cosine, gradients computed in the
 // forward pass (measured faster than a chunked recompute in backward, for about the same saved bytes; see
 // mirai_kernels/ops/foresight.py). x (B, N, K, H), weight (K, Z, H), bias (K, Z) or None, targets (B, N, Z), tpos.
 // Returns per_head (K,) fp32/fp64 = -mean over (batch, valid pairs) of cos, and, when compute_grad, the gradients
@@ -183,7 +184,7 @@ at::Tensor foresight_cos_bwd_cpu(const at::Tensor& grad_cos, const at::Tensor& p
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
-    const at::Tensor& tpos, bool compute_grad) {
+    const at::Tensor& tpos, bool compute_grad, bool silu_input) {
   TORCH_CHECK(x.dim() == 4, "fused_linear_cos: x must be (B, N, K, H), got ", x.sizes());
   const int64_t B = x.size(0), N = x.size(1), K = x.size(2), H = x.size(3);
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == K && weight.size(2) == H,
@@ -224,7 +225,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
     const auto wk = weight.select(0, k);
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
       const int64_t b1 = std::min(B, b0 + chunk), bc = b1 - b0;
-      const auto xk = x.slice(0, b0, b1).select(2, k).reshape({bc * N, H});
+      const auto xin = x.slice(0, b0, b1).select(2, k).reshape({bc * N, H});
+      // With silu_input the chunk's activation is made here and dropped after use: the caller never stores it.
+      const auto xk = silu_input ? at::silu(xin) : xin;
       auto p = bias.has_value() ? at::addmm(bias->select(0, k), xk, wk.t()) : at::mm(xk, wk.t());
       p = p.view({bc, N, 1, Z});
       const auto tch = targets.slice(0, b0, b1);
@@ -232,7 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
       per_head.select(0, k).sub_(c.sum());
       if (compute_grad) {
         const auto dp = foresight_cos_bwd_cpu(at::full_like(c, -1.0), p, tch, tk).view({bc * N, Z});
-        gx.slice(0, b0, b1).select(2, k).copy_(at::mm(dp, wk).view({bc, N, H}));
+        auto gxk = at::mm(dp, wk);
+        if (silu_input) gxk = at::silu_backward(gxk, xin);
+        gx.slice(0, b0, b1).select(2, k).copy_(gxk.view({bc, N, H}));
         gw.select(0, k).add_(at::mm(dp.t(), xk).to(acc));
         gb.select(0, k).add_(dp.sum(0, /*keepdim=*/false, acc));
       }
@@ -248,8 +253,8 @@ TORCH_LIBRARY_FRAGMENT(mirai, m) {
   m.def("foresight_cos_fwd_cpp(Tensor proj, Tensor targets, Tensor tpos) -> Tensor");
   m.def("foresight_cos_bwd_cpp(Tensor grad_cos, Tensor proj, Tensor targets, Tensor tpos) -> Tensor");
   m.def(
-      "fused_linear_cos_cpp(Tensor x, Tensor weight, Tensor? bias, Tensor targets, Tensor tpos, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "fused_linear_cos_cpp(Tensor x, Tensor weight, Tensor? bias, Tensor targets, Tensor tpos, bool compute_grad, "
+      "bool silu_input) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mirai, CPU, m) {

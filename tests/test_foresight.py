@@ -198,19 +198,20 @@ def test_zero_norm_vectors_do_not_give_nan(face, dtype):
 # ---------------------------------------------------------------------------------------------------------
 
 FUSED_CASES = [
-    # (batch, grid, prefix, offsets, boundary, align_prefix, hidden, Z, bias)
-    (2, (4, 4), 1, [0], "raster", False, 40, 24, True),
-    (2, (16, 16), 1, [0, 1, 16], "raster", True, 64, 48, True),
-    (2, (16, 16), 1, [0, 1, 16], "grid", True, 33, 20, False),
-    (1, (16, 16), 1, NINE_RASTER, "grid", True, 32, 16, True),
-    (1, (24, 24), 1, NINE_DYDX, "raster", True, 16, 16, True),
-    (3, (5, 7), 0, [(0, 1), (2, 3)], "grid", False, 24, 17, True),
+    # (batch, grid, prefix, offsets, boundary, align_prefix, hidden, Z, bias, input_activation)
+    (2, (4, 4), 1, [0], "raster", False, 40, 24, True, None),
+    (2, (16, 16), 1, [0, 1, 16], "raster", True, 64, 48, True, None),
+    (2, (16, 16), 1, [0, 1, 16], "grid", True, 33, 20, False, "silu"),
+    (1, (16, 16), 1, NINE_RASTER, "grid", True, 32, 16, True, None),
+    (1, (24, 24), 1, NINE_DYDX, "raster", True, 16, 16, True, "silu"),
+    (3, (5, 7), 0, [(0, 1), (2, 3)], "grid", False, 24, 17, True, "silu"),
 ]
-FUSED_IDS = [f"K{len(c[3])}-{c[4]}-p{c[2]}{'a' if c[5] else ''}-{c[1][0]}x{c[1][1]}-h{c[6]}z{c[7]}" for c in FUSED_CASES]
+FUSED_IDS = [f"K{len(c[3])}-{c[4]}-p{c[2]}{'a' if c[5] else ''}-{c[1][0]}x{c[1][1]}-h{c[6]}z{c[7]}-{c[9]}"
+             for c in FUSED_CASES]
 
 
 def _fused_inputs(case, dtype, permuted=False):
-    batch, grid, prefix, offsets, boundary, align, hidden, z_dim, has_bias = case
+    batch, grid, prefix, offsets, boundary, align, hidden, z_dim, has_bias, act = case
     n, k = seq_len(grid, prefix), len(offsets)
     if permuted:  # the layout ForesightHeads produces: a (K, B, N, hidden) buffer seen as (B, N, K, hidden)
         x = torch.randn(k, batch, n, hidden, dtype=torch.float64).permute(1, 2, 0, 3)
@@ -221,7 +222,7 @@ def _fused_inputs(case, dtype, permuted=False):
     # The bias carries a direction shared with the targets: cosines near 0.5 (see _case_inputs).
     bias = torch.randn(k, z_dim, dtype=torch.float64) * 0.1 + mean if has_bias else None
     targets = torch.randn(batch, n, z_dim, dtype=torch.float64) + mean
-    kw = dict(grid=grid, prefix=prefix, boundary=boundary, align_prefix=align)
+    kw = dict(grid=grid, prefix=prefix, boundary=boundary, align_prefix=align, input_activation=act)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return cast(x), cast(weight), cast(bias), cast(targets), offsets, kw
 
@@ -249,7 +250,8 @@ def test_fused_linear_matches_fp64(face, dtype, case):
     tpos = fops.pairing_table(x.shape[1], kw["grid"], offsets, prefix=kw["prefix"], boundary=kw["boundary"],
                               align_prefix=kw["align_prefix"])
     xp, wp, bp = _leaves(x, weight, bias)
-    proj = torch.einsum("bnkh,kzh->bnkz", xp, wp) + (bp if bp is not None else 0)
+    xa = F.silu(xp) if kw["input_activation"] == "silu" else xp
+    proj = torch.einsum("bnkh,kzh->bnkz", xa, wp) + (bp if bp is not None else 0)
     ph_pt = eager_lowp(proj, targets, tpos)
     (ph_pt * (torch.tensor(weights) + upstream).to(dtype)).sum().backward()
 
@@ -299,9 +301,9 @@ def test_opcheck(face):
     weight = torch.randn(3, 8, 16, requires_grad=True)
     bias = torch.randn(3, 8, requires_grad=True)
     tgt8 = torch.randn(2, 15, 8)
-    opcheck(ops["fused"], (x, weight, bias, tgt8, tpos, True))
-    opcheck(ops["fused"], (x, weight, None, tgt8, tpos, True))
-    opcheck(ops["fused"], (x.detach(), weight.detach(), bias.detach(), tgt8, tpos, False))
+    opcheck(ops["fused"], (x, weight, bias, tgt8, tpos, True, False))
+    opcheck(ops["fused"], (x, weight, None, tgt8, tpos, True, True))
+    opcheck(ops["fused"], (x.detach(), weight.detach(), bias.detach(), tgt8, tpos, False, False))
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -424,7 +426,8 @@ def test_gpu_triton_fused_and_cosine(dtype, case):
     xp, wp, bp = _leaves(x, weight, bias)
     tpos = fops.pairing_table(x.shape[1], kw["grid"], offsets, prefix=kw["prefix"], boundary=kw["boundary"],
                               align_prefix=kw["align_prefix"], device="cuda")
-    proj = torch.einsum("bnkh,kzh->bnkz", xp, wp) + (bp if bp is not None else 0)
+    xa = F.silu(xp) if kw["input_activation"] == "silu" else xp
+    proj = torch.einsum("bnkh,kzh->bnkz", xa, wp) + (bp if bp is not None else 0)
     eager_lowp(proj, targets, tpos).sum().backward()
     xf, wf, bf = _leaves(x, weight, bias)
     mk.fused_linear_cosine_loss(xf, wf, bf, targets, offsets, backend="triton", **kw)[0].backward()

@@ -9,8 +9,8 @@ Faces (pattern of :mod:`mirai_kernels.ops.rope`):
   position and foresight head, -1 for none), so no shifted, concatenated or normalised copy of anything is made; the
   per-head means are a ``(B, N, K) -> (K,)`` sum in PyTorch. The forward op is differentiable (autograd formula =
   the bwd op), with no gradient to the targets.
-* ``fused_linear_cosine_loss``: ``fused_linear_cos_<face>(x, weight, bias, targets, tpos, compute_grad) ->
-  (per_head, grad_x, grad_weight, grad_bias)``. The heads' last ``Linear(hidden -> Z)`` runs per foresight head in
+* ``fused_linear_cosine_loss``: ``fused_linear_cos_<face>(x, weight, bias, targets, tpos, compute_grad,
+  silu_input) -> (per_head, grad_x, grad_weight, grad_bias)``. The heads' last ``Linear(hidden -> Z)`` runs per foresight head in
   chunks of whole sequences (cuBLAS / MKL GEMMs), followed by the cosine kernels on each chunk's projection, which is
   then dropped. **Gradients are computed in the forward pass** (the fused-linear-loss pattern) and scaled per head
   by the upstream gradient in backward: exact for any upstream ``(K,)`` gradient, since each head's projection only
@@ -76,8 +76,8 @@ def _chunk_batches(batch: int, seqlen: int) -> list[tuple[int, int]]:
 
 @torch.library.custom_op("mirai::fused_linear_cos_triton", mutates_args=(), device_types=("cuda", "cpu"))
 def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             targets: torch.Tensor, tpos: torch.Tensor,
-                             compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                             targets: torch.Tensor, tpos: torch.Tensor, compute_grad: bool,
+                             silu_input: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # Same algorithm as fused_linear_cos_cpu in csrc/foresight.cpp: GEMMs by the vendor library, cosines by Triton.
     from ..triton import foresight as kernels
 
@@ -101,7 +101,8 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
         wk = weight[k]
         for b0, b1 in _chunk_batches(batch, seqlen):
             bc = b1 - b0
-            xk = x[b0:b1, :, k].reshape(bc * seqlen, hidden)
+            xin = x[b0:b1, :, k].reshape(bc * seqlen, hidden)
+            xk = torch.nn.functional.silu(xin) if silu_input else xin
             p = torch.addmm(bias[k], xk, wk.t()) if bias is not None else xk @ wk.t()
             p = p.view(bc, seqlen, 1, z_dim)
             tch = targets[b0:b1]
@@ -109,7 +110,10 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
             per_head[k] -= c.sum()
             if compute_grad:
                 dp = kernels.foresight_cos_bwd(torch.full_like(c, -1.0), p, tch, tk).view(bc * seqlen, z_dim)
-                gx[b0:b1, :, k] = (dp @ wk).view(bc, seqlen, hidden)
+                gxk = dp @ wk
+                if silu_input:
+                    gxk = torch.ops.aten.silu_backward(gxk, xin)
+                gx[b0:b1, :, k] = gxk.view(bc, seqlen, hidden)
                 gw[k] += (dp.t() @ xk).to(acc)
                 gb[k] += dp.sum(0, dtype=acc)
     per_head /= counts.clamp(min=1)
@@ -124,7 +128,7 @@ def _fake_cos_bwd(grad_cos, proj, targets, tpos):
     return proj.new_empty(proj.shape)
 
 
-def _fake_fused(x, weight, bias, targets, tpos, compute_grad):
+def _fake_fused(x, weight, bias, targets, tpos, compute_grad, silu_input):
     acc = _acc_dtype(x.dtype)
     n_heads = x.shape[2]
     per_head = x.new_empty((n_heads,), dtype=acc)
@@ -155,7 +159,7 @@ def _register_fused(face: str) -> None:
     qualname = f"mirai::fused_linear_cos_{face}"
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, targets, tpos, compute_grad = inputs
+        x, weight, bias, targets, tpos, compute_grad, _silu_input = inputs
         _, gx, gw, gb = output
         ctx.mark_non_differentiable(gx, gw, gb)
         ctx.compute_grad = compute_grad
@@ -178,7 +182,7 @@ def _register_fused(face: str) -> None:
         grad_x = gx * scale.view(1, 1, n_heads, 1).to(x_dtype) if ctx.needs_input_grad[0] else None
         grad_w = (gw * scale.view(n_heads, 1, 1)).to(w_dtype) if ctx.needs_input_grad[1] else None
         grad_b = (gb * scale.view(n_heads, 1)).to(b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
     torch.library.register_fake(qualname)(_fake_fused)
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
@@ -353,7 +357,7 @@ def foresight_cosine_loss(proj: torch.Tensor, targets: torch.Tensor, offsets, *,
 def fused_linear_cosine_loss(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                              targets: torch.Tensor, offsets, *, grid, prefix: int = 1, boundary: str = "raster",
                              align_prefix: bool = True, head_weights: Optional[Sequence[float]] = None,
-                             backend: Optional[str] = None):
+                             input_activation: Optional[str] = None, backend: Optional[str] = None):
     """The foresight heads' last ``Linear(hidden -> Z)`` fused with :func:`foresight_cosine_loss`: the ``(B, N,
     K, Z)`` projections are never stored.
 
@@ -364,12 +368,18 @@ def fused_linear_cosine_loss(x: torch.Tensor, weight: torch.Tensor, bias: Option
         weight: ``(K, Z, hidden)``, ``x``'s dtype and device (head ``k``'s ``nn.Linear.weight``).
         bias: ``(K, Z)`` or ``None``, ``x``'s dtype.
         targets, offsets, grid, prefix, boundary, align_prefix, head_weights, backend: as
-            :func:`foresight_cosine_loss` (``proj[b, p, k] = weight[k] @ x[b, p, k] + bias[k]``).
+            :func:`foresight_cosine_loss` (``proj[b, p, k] = weight[k] @ act(x[b, p, k]) + bias[k]``).
+        input_activation: ``None`` (act = identity) or ``"silu"``: ``x`` is then the pre-activation of the
+            heads' last SiLU, applied chunk by chunk inside the op, so neither the activation nor ``x`` itself is
+            kept for backward (only the input gradient, computed in the forward pass).
     Return:
         ``(total, per_head)`` as :func:`foresight_cosine_loss`; differentiable w.r.t. ``x``, ``weight``, ``bias``
         (computed in the forward pass when grad is enabled and one of them requires grad; no double backward).
     """
     where = "fused_linear_cosine_loss"
+    if input_activation not in (None, "silu"):
+        raise ValueError(f"{where}: input_activation must be None or 'silu', got {input_activation!r}")
+    silu = input_activation == "silu"
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{where}: x must be (B, N, K, hidden), got {_describe(x)}")
     batch, seqlen, n_heads, hidden = x.shape
@@ -394,7 +404,8 @@ def fused_linear_cosine_loss(x: torch.Tensor, weight: torch.Tensor, bias: Option
     tpos = _pairing_table(seqlen, grid, parsed, prefix, boundary, align_prefix, x.device)
     if face == "reference":
         acc = _acc_dtype(x.dtype)
-        proj = torch.einsum("bnkh,kzh->bnkz", x.to(acc), weight.to(acc))
+        xa = torch.nn.functional.silu(x.to(acc)) if silu else x.to(acc)
+        proj = torch.einsum("bnkh,kzh->bnkz", xa, weight.to(acc))
         if bias is not None:
             proj = proj + bias.to(acc)
         cos = _reference.pairwise_cosine(proj, targets, tpos)
@@ -405,5 +416,5 @@ def fused_linear_cosine_loss(x: torch.Tensor, weight: torch.Tensor, bias: Option
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
         op = getattr(torch.ops.mirai, f"fused_linear_cos_{face}")
-        per_head = op(x, weight, bias, targets.detach(), tpos, needs_grad)[0]
+        per_head = op(x, weight, bias, targets.detach(), tpos, needs_grad, silu)[0]
     return _weights_total(per_head, head_weights), per_head

@@ -167,11 +167,12 @@ def foresight_cosine_loss(proj, targets, offsets, *, grid, prefix=1, boundary="r
 
 
 def fused_linear_cosine_loss(x, weight, bias, targets, offsets, *, grid, prefix=1, boundary="raster",
-                             align_prefix=True, head_weights=None):
-    """Reference of :func:`mirai_kernels.fused_linear_cosine_loss`: ``proj[b,n,k] = weight[k] @ x[b,n,k] +
-    bias[k]``, then the loss above. The projection is computed in at least fp32."""
+                             align_prefix=True, head_weights=None, input_activation=None):
+    """Reference of :func:`mirai_kernels.fused_linear_cosine_loss`: ``proj[b,n,k] = weight[k] @ act(x[b,n,k]) +
+    bias[k]`` (act: identity or SiLU), then the loss above. The projection is computed in at least fp32."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    proj = torch.einsum("bnkh,kzh->bnkz", x.to(acc), weight.to(acc))
+    xa = torch.nn.functional.silu(x.to(acc)) if input_activation == "silu" else x.to(acc)
+    proj = torch.einsum("bnkh,kzh->bnkz", xa, weight.to(acc))
     if bias is not None:
         proj = proj + bias.to(acc)
     return foresight_cosine_loss(proj, targets, offsets, grid=grid, prefix=prefix, boundary=boundary,
