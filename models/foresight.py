@@ -1,0 +1,176 @@
+"""Training objectives, selectable by name: ``none``, ``mirai-e``, ``mirai-s`` (and ``mirai-i`` with an encoder).
+
+Each objective is an ``nn.Module`` holding its training-only parts (foresight heads, EMA teacher hooks) with
+
+* ``loss(model, idx, labels, targets, step) -> (loss, metrics)`` — one straight line: GPT forward (hidden state at
+  block ``l`` kept) -> targets -> heads through the fused cosine loss;
+* ``head_parameters()`` — parameters the optimizer trains besides the GPT's.
+
+Schedule (MIRAI_SPEC.md): ``loss = NTP + c(step) * sum_k lambda_k * L_k``; ``c`` is 0 during the warm-up (a hard
+switch; the heads stay in the graph with a zero-valued term, as DDP requires) and halves after ``halve_at``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mirai_kernels as mk
+
+OBJECTIVES = ("none", "mirai-e", "mirai-s", "mirai-i")
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers copied), refreshed after each optimizer step.
+    ``model`` is the EMA copy: eval mode, no grad. It is the Mirai-E / Mirai-S teacher and the sampling model."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+
+def foresight_scale(step: int, warmup_steps: int, halve_at: Optional[int]) -> float:
+    """``c(step)``: 0 before ``warmup_steps``, 1 after, 0.5 from ``halve_at`` on."""
+    if step < warmup_steps:
+        return 0.0
+    return 0.5 if halve_at is not None and step >= halve_at else 1.0
+
+
+class Objective(nn.Module):
+    name = "none"
+
+    def __init__(self, model, *, ema: Optional[EMA] = None):
+        super().__init__()
+        self.config = model.config
+        self.ema = ema
+
+    def head_parameters(self):
+        return list(self.parameters())
+
+    def loss(self, model, idx, labels, targets, step: int):
+        out = model(idx, labels, targets)
+        return out["loss"], {"ntp": out["loss"].item()}
+
+
+class ForesightObjective(Objective):
+    """Shared machinery: K foresight heads on the state after block ``layer``, weighted by ``head_weights``."""
+
+    def __init__(self, model, *, ema, offsets, layer: int, head_width: int, head_weights, warmup_steps: int,
+                 halve_at: Optional[int], z_dim: int, boundary: str = "raster", align_prefix: bool = True):
+        super().__init__(model, ema=ema)
+        config = model.config
+        if not 1 <= layer <= config.n_layer:
+            raise ValueError(f"foresight layer must be in [1, {config.n_layer}], got {layer}")
+        self.layer, self.warmup_steps, self.halve_at = layer, warmup_steps, halve_at
+        self.heads = mk.ForesightHeads(
+            config.dim, z_dim, offsets, grid=config.grid, prefix=config.cls_token_num, boundary=boundary,
+            align_prefix=align_prefix, head_weights=head_weights, hidden=head_width,
+        )
+
+    def targets(self, model, student_out, idx, labels) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, model, idx, labels, targets, step: int):
+        out = model(idx, labels, targets, **self.student_kwargs())
+        with torch.no_grad():
+            feature_targets = self.targets(model, out, idx, labels)
+        total, per_head = self.heads(out["hidden"], feature_targets)
+        scale = foresight_scale(step, self.warmup_steps, self.halve_at)
+        loss = out["loss"] + scale * total
+        metrics = {"ntp": out["loss"].item(), "foresight": total.item(), "foresight_scale": scale}
+        metrics.update({f"head{k}": v for k, v in enumerate(per_head.tolist())})
+        metrics.update(self.extra_metrics(out, feature_targets))
+        return loss, metrics
+
+    def extra_metrics(self, student_out, feature_targets) -> dict:
+        return {}
+
+    def student_kwargs(self) -> dict:
+        return {"hidden_layer": self.layer}
+
+
+class MiraiE(ForesightObjective):
+    """Explicit foresight: the EMA teacher's own raw layer-``l`` states (true labels, eval mode, no grad, run only
+    up to block ``l``) at offsets {same, right, below}, paired with the student's layer-``l`` states."""
+
+    name = "mirai-e"
+
+    def __init__(self, model, *, ema, layer, head_width, warmup_steps, halve_at, head_weight: float = 2.0,
+                 offsets=((0, 0), (0, 1), (1, 0)), boundary: str = "raster"):
+        super().__init__(model, ema=ema, offsets=list(offsets), layer=layer, head_width=head_width,
+                         head_weights=[head_weight] * len(offsets), warmup_steps=warmup_steps, halve_at=halve_at,
+                         z_dim=model.config.dim, boundary=boundary)
+
+    def targets(self, model, student_out, idx, labels):
+        return self.ema.model(idx, labels, stop_at=self.layer, hidden_layer=self.layer)["hidden"].float()
+
+
+class MiraiS(ForesightObjective):
+    """Implicit foresight from the shared bidirectional pass: block ``l``'s output recomputed with the bidirectional
+    attention output (stop-gradient) is the target of the causal state at the same position. ``source="teacher"``
+    takes it from the EMA teacher's pass; ``"self"`` from the model's own pass (no extra forward; watch
+    ``cos_causal_bidir`` for collapse)."""
+
+    name = "mirai-s"
+
+    def __init__(self, model, *, ema, layer, head_width, warmup_steps, halve_at, head_weight: float = 2.0,
+                 offsets=((0, 0),), source: str = "teacher"):
+        if source not in ("teacher", "self"):
+            raise ValueError(f"mirai-s source must be 'teacher' or 'self', got {source!r}")
+        super().__init__(model, ema=ema, offsets=list(offsets), layer=layer, head_width=head_width,
+                         head_weights=[head_weight] * len(offsets), warmup_steps=warmup_steps, halve_at=halve_at,
+                         z_dim=model.config.dim)
+        self.source = source
+
+    def student_kwargs(self) -> dict:
+        kwargs = {"hidden_layer": self.layer}
+        if self.source == "self":
+            kwargs["dual_layer"] = self.layer
+        return kwargs
+
+    def targets(self, model, student_out, idx, labels):
+        if self.source == "self":
+            return student_out["bidir_hidden"].detach().float()
+        out = self.ema.model(idx, labels, stop_at=self.layer, dual_layer=self.layer)
+        return out["bidir_hidden"].float()
+
+    def extra_metrics(self, student_out, feature_targets) -> dict:
+        return {"cos_causal_bidir": cosine_causal_bidirectional(student_out["hidden"], feature_targets)}
+
+
+def build_objective(name: str, model, *, ema: Optional[EMA], layer: Optional[int] = None,
+                    head_width: Optional[int] = None, warmup_steps: int = 0, halve_at: Optional[int] = None,
+                    mirai_s_source: str = "teacher", boundary: str = "raster") -> Objective:
+    """Build an objective by name. ``layer`` defaults to round(2/3 of the depth) (8 of 12 for GPT-B);
+    ``head_width`` to 4 x dim (the paper's 2048 is for GPT-B and up)."""
+    config = model.config
+    layer = layer or max(1, round(2 * config.n_layer / 3))
+    head_width = head_width or 4 * config.dim
+    if name == "none":
+        return Objective(model)
+    if ema is None:
+        raise ValueError(f"{name} needs an EMA teacher")
+    common = dict(ema=ema, layer=layer, head_width=head_width, warmup_steps=warmup_steps, halve_at=halve_at)
+    if name == "mirai-e":
+        return MiraiE(model, boundary=boundary, **common)
+    if name == "mirai-s":
+        return MiraiS(model, source=mirai_s_source, **common)
+    if name == "mirai-i":
+        raise NotImplementedError("mirai-i needs an encoder; not available in this build yet")
+    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
+
+
+def cosine_causal_bidirectional(hidden: torch.Tensor, bidir_hidden: torch.Tensor) -> float:
+    """Mean cosine between causal and bidirectional states (Mirai-S collapse monitor: 1.0 = collapsed)."""
+    return F.cosine_similarity(hidden.float(), bidir_hidden.float(), dim=-1).mean().item()

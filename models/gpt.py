@@ -1,0 +1,284 @@
+"""LlamaGen's class-conditional GPT, running through mirai_kernels.
+
+Same parameter names, shapes and semantics as LlamaGen's ``gpt.py`` (``c2i`` models), so a LlamaGen ``c2i_*.pt``
+state_dict loads strictly and gives LlamaGen's logits:
+
+* ``cls_embedding.embedding_table`` (num_classes + 1 rows: the last is the null class of classifier-free guidance),
+  ``tok_embeddings``, ``layers.{i}.attention.{wqkv,wo}``, ``layers.{i}.feed_forward.{w1,w2,w3}``,
+  ``layers.{i}.{attention_norm,ffn_norm}``, ``norm``, ``output``; no biases;
+* RMSNorm (eps 1e-5, computed in fp32), SwiGLU with hidden = find_multiple(int(2 * 4d / 3), 256);
+* 2D RoPE with **zero** class-token rows (``mirai_kernels.rope_2d_table``); the table is rebuilt, never stored;
+* training input ``[class, z_0 .. z_{N-2}]``, logits for every position predict ``z_0 .. z_{N-1}``;
+* dropout: token 0.1, residual 0.1, FFN 0.1 and class-label dropout 0.1 to the null class, as LlamaGen's defaults;
+* init N(0, 0.02) for Linear and Embedding, the output layer zero.
+
+Attention runs through :class:`mirai_kernels.ForesightAttention` (one kernel for the causal output and, when
+asked, the bidirectional one), decoding through :func:`mirai_kernels.decode_attention` with a static KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mirai_kernels as mk
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    vocab_size: int = 16384
+    cls_token_num: int = 1
+    grid: tuple = (16, 16)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def block_size(self) -> int:
+        """Image tokens per sample (H*W)."""
+        return self.grid[0] * self.grid[1]
+
+
+PRESETS = {
+    "tiny": dict(dim=256, n_layer=4, n_head=4),
+    "small": dict(dim=384, n_layer=6, n_head=6),
+    "B": dict(dim=768, n_layer=12, n_head=12),
+    "L": dict(dim=1024, n_layer=24, n_head=16),
+    "XL": dict(dim=1280, n_layer=36, n_head=20),
+}
+
+
+def config_from_preset(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    grid = overrides.pop("grid", (16, 16))
+    grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    return GPTConfig(**{**PRESETS[name], **overrides, "grid": grid})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = int(2 * (4 * config.dim) / 3)
+        if config.ffn_dim_multiplier is not None:
+            hidden = int(config.ffn_dim_multiplier * hidden)
+        hidden = find_multiple(hidden, config.multiple_of)
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache ``(max_batch, max_seqlen, n_kv_head, head_dim)`` (BSHD, as decode_attention)."""
+
+    def __init__(self, max_batch: int, max_seqlen: int, n_kv_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (max_batch, max_seqlen, n_kv_head, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attention = mk.ForesightAttention(
+            config.dim, config.n_head, config.n_kv_head, attn_dropout_p=config.attn_dropout_p,
+            resid_dropout_p=config.resid_dropout_p,
+        )
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.kv_cache: Optional[KVCache] = None
+
+    def _ffn_residual(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward(self, x: torch.Tensor, rope_table: torch.Tensor) -> torch.Tensor:
+        return self._ffn_residual(x + self.attention(self.attention_norm(x), rope_table))
+
+    def forward_dual(self, x: torch.Tensor, rope_table: torch.Tensor, bidirectional_grad: bool = False):
+        """The block's causal output and the same block computed with the bidirectional attention output in
+        place of the causal one (the Mirai-S target), from one attention call."""
+        out_c, out_b = self.attention(self.attention_norm(x), rope_table, bidirectional=True,
+                                      bidirectional_grad=bidirectional_grad)
+        return self._ffn_residual(x + out_c), self._ffn_residual(x + out_b)
+
+    def forward_decode(self, x: torch.Tensor, rope_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, S_q, dim) new tokens at rows ``cache_seqlens ..`` of this layer's KV cache (which this call
+        fills; the caller advances ``cache_seqlens``)."""
+        attn = self.attention
+        h = self.attention_norm(x)
+        batch, s_q, _ = h.shape
+        q, k, v = attn.wqkv(h).split([attn.n_head * attn.head_dim, attn.kv_dim, attn.kv_dim], dim=-1)
+        q = q.view(batch, s_q, attn.n_head, attn.head_dim)
+        k = k.view(batch, s_q, attn.n_kv_head, attn.head_dim)
+        v = v.view(batch, s_q, attn.n_kv_head, attn.head_dim)
+        cache = self.kv_cache
+        out = mk.decode_attention(q, cache.k[:batch], cache.v[:batch], k, v, cache_seqlens=cache_seqlens,
+                                  rope_table=rope_table)
+        h = x + attn.resid_dropout(attn.wo(out.reshape(batch, s_q, -1)))
+        return self._ffn_residual(h)
+
+
+class ClassEmbedder(nn.Module):
+    """Class labels -> one prefix embedding; label dropout to the null class ``num_classes`` when training."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), dim)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.cls_embedding = ClassEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_dropout = nn.Dropout(config.token_dropout_p)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer(
+            "rope_table",
+            mk.rope_2d_table(config.grid, config.head_dim, config.cls_token_num, config.rope_base),
+            persistent=False,
+        )
+        self.apply(self._init_weights)
+        nn.init.zeros_(self.output.weight)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    # -----------------------------------------------------------------------------------------------------
+    # Training
+    # -----------------------------------------------------------------------------------------------------
+
+    def embed(self, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cond = self.cls_embedding(labels, train=self.training)[:, : self.config.cls_token_num]
+        return self.tok_dropout(torch.cat([cond, self.tok_embeddings(idx)], dim=1))
+
+    def forward(self, idx: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                hidden_layer: Optional[int] = None, dual_layer: Optional[int] = None, stop_at: Optional[int] = None):
+        """Training / teacher forward.
+
+        Arguments:
+            idx: ``(B, N-1)`` int64 image tokens ``z_0 .. z_{N-2}`` (N = H*W; any prefix of them).
+            labels: ``(B,)`` int64 class labels (``num_classes`` = the null class).
+            targets: optional ``(B, N)`` int64 ``z_0 .. z_{N-1}`` for the cross-entropy.
+            hidden_layer: also return the raw residual state after block ``hidden_layer`` (1-based count of
+                blocks, as Mirai's ``l``: 8 of 12 for GPT-B), no final norm: ``(B, prefix + N - 1, dim)``.
+            dual_layer: at block ``dual_layer`` (1-based) also compute its bidirectional-attention version
+                (stop-gradient) and return it as ``bidir_hidden`` (Mirai-S target).
+            stop_at: run only blocks ``1 .. stop_at`` (a truncated teacher); logits are then None.
+        Return:
+            dict with ``logits`` (B, N, vocab) fp32 (None when ``stop_at``), ``loss`` (when ``targets``),
+            ``hidden`` and ``bidir_hidden`` when asked.
+        """
+        h = self.embed(idx, labels)
+        table = self.rope_table
+        result = {}
+        n_blocks = len(self.layers) if stop_at is None else stop_at
+        for i, layer in enumerate(self.layers[:n_blocks], start=1):
+            if i == dual_layer:
+                h, result["bidir_hidden"] = layer.forward_dual(h, table)
+            else:
+                h = layer(h, table)
+            if i == hidden_layer:
+                result["hidden"] = h
+        if stop_at is not None:
+            result["logits"] = None
+            return result
+        logits = self.output(self.norm(h)).float()
+        logits = logits[:, self.config.cls_token_num - 1:]
+        result["logits"] = logits
+        if targets is not None:
+            result["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return result
+
+    # -----------------------------------------------------------------------------------------------------
+    # Decoding (KV cache)
+    # -----------------------------------------------------------------------------------------------------
+
+    def setup_caches(self, max_batch: int, max_seqlen: Optional[int] = None, dtype=None) -> None:
+        """Allocate a static KV cache for every layer (``max_seqlen`` defaults to prefix + H*W)."""
+        max_seqlen = max_seqlen or self.config.cls_token_num + self.config.block_size
+        dtype = dtype or self.output.weight.dtype
+        device = self.output.weight.device
+        for layer in self.layers:
+            attn = layer.attention
+            layer.kv_cache = KVCache(max_batch, max_seqlen, attn.n_kv_head, attn.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.kv_cache = None
+
+    def decode_step(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                    cache_seqlens: torch.Tensor) -> torch.Tensor:
+        """One cached step: the class prefix (``labels`` (B,), tokens None) or new image tokens ``(B, S_q)``.
+        Returns the last position's logits ``(B, vocab)`` fp32. The caller advances ``cache_seqlens``."""
+        if tokens is None:
+            x = self.cls_embedding(labels, train=False)[:, : self.config.cls_token_num]
+        else:
+            x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer.forward_decode(x, self.rope_table, cache_seqlens)
+        return self.output(self.norm(x[:, -1])).float()
+
+
+def build_gpt(preset: str = "tiny", **overrides) -> GPT:
+    return GPT(config_from_preset(preset, **overrides))

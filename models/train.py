@@ -1,0 +1,213 @@
+"""Train a LlamaGen-style GPT with or without foresight.
+
+    python -m models.train --model tiny --objective mirai-e --data shapes --steps 300 --out runs/x
+
+A training step is a straight line: batch -> GPT forward (hidden state at block l kept) -> objective (foresight
+heads through the fused cosine loss) -> backward -> clip -> AdamW -> EMA refresh. Recipe (MIRAI_SPEC.md): AdamW
+betas (0.9, 0.95), weight decay 0.05 on >= 2-D tensors, constant lr, clip 1.0, bf16 autocast on GPU, EMA teacher.
+
+Schedules accept steps (an int) or a fraction of the run (a float < 1): ``--warmup 0.05`` = foresight switched on
+after 5% of the steps (the paper: 15 of 300 epochs), ``--halve-at 0.27`` (80 of 300). ``--ema-decay`` defaults to
+a half-life of 10% of the run (capped at the paper's 0.9999, which barely moves in a short run: 0.9999^2000 = 0.82).
+
+Outputs in ``--out``: ``metrics.jsonl`` (one line per logged step), ``last.pt`` (full state for ``--resume``,
+written atomically) and ``model.pt`` (sampling checkpoint: config + EMA weights, no foresight heads; loads strictly
+into the plain GPT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from .data import build_dataset
+from .foresight import EMA, OBJECTIVES, build_objective
+from .gpt import GPT, GPTConfig, PRESETS, config_from_preset
+
+
+def steps_or_fraction(value: str, total_steps: int) -> int:
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"schedule values must be >= 0, got {value}")
+    return int(round(number * total_steps)) if number < 1 and "." in value else int(number)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--objective", default="none", choices=OBJECTIVES)
+    p.add_argument("--data", default="shapes", help="shapes (built in) or digits (needs scikit-learn)")
+    p.add_argument("--data-size", type=int, default=4096, help="shapes: number of training images")
+    p.add_argument("--grid", type=int, default=8, help="shapes: image side in tokens")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--dropout", type=float, default=0.1, help="token / residual / FFN dropout (LlamaGen: 0.1)")
+    p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (CFG)")
+    p.add_argument("--ema-decay", type=float, default=None, help="default: half-life of 10%% of the run, <= 0.9999")
+    p.add_argument("--foresight-layer", type=int, default=None, help="block l (1-based); default round(2/3 depth)")
+    p.add_argument("--head-width", type=int, default=None, help="foresight head width; default 4 x dim")
+    p.add_argument("--warmup", default="0.05", help="foresight off for these steps (int) or fraction (float)")
+    p.add_argument("--halve-at", default="0.27", help="halve the foresight weight from here (steps or fraction)")
+    p.add_argument("--mirai-s-source", default="teacher", choices=("teacher", "self"))
+    p.add_argument("--boundary", default="raster", choices=("raster", "grid"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/train")
+    p.add_argument("--ckpt-every", type=int, default=0, help="write last.pt every N steps (0: only at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--compile", action="store_true", help="torch.compile the GPT")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def param_groups(modules, weight_decay: float):
+    decay, no_decay = [], []
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad:
+                (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> torch.Tensor:
+    """The sample indices of ``step``: a fresh permutation per epoch, a pure function of (seed, step), so a
+    resumed run sees exactly the batches it would have seen."""
+    per_epoch = max(1, dataset_size // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return order[offset * batch_size: (offset + 1) * batch_size]
+
+
+def collate(dataset, indices):
+    tokens, labels = zip(*(dataset[int(i)] for i in indices))
+    return torch.stack(tokens), torch.tensor(labels)
+
+
+def atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from exc
+
+
+def load_sampling_model(path: str, device="cpu") -> GPT:
+    """A plain GPT from a sampling checkpoint (``model.pt``) or a training checkpoint (``last.pt``: its EMA)."""
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt or ("model" not in ckpt and "ema" not in ckpt):
+        raise RuntimeError(f"{path} is not a mirai checkpoint (keys: {sorted(ckpt)[:8]})")
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"], strict=True)
+    return model.to(device).eval()
+
+
+def train(args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    dataset = build_dataset(args.data, size=args.data_size, grid=args.grid, seed=args.seed)
+    config = config_from_preset(
+        args.model, grid=(dataset.height, dataset.width), vocab_size=dataset.vocab_size,
+        num_classes=dataset.num_classes, token_dropout_p=args.dropout, resid_dropout_p=args.dropout,
+        ffn_dropout_p=args.dropout, class_dropout_prob=args.class_dropout,
+    )
+    model = GPT(config).to(device)
+    ema_decay = args.ema_decay if args.ema_decay is not None else min(0.9999, 0.5 ** (1.0 / max(1.0, 0.1 * args.steps)))
+    ema = EMA(model, ema_decay)
+    warmup = steps_or_fraction(args.warmup, args.steps)
+    halve_at = steps_or_fraction(args.halve_at, args.steps)
+    objective = build_objective(
+        args.objective, model, ema=ema, layer=args.foresight_layer, head_width=args.head_width,
+        warmup_steps=warmup, halve_at=halve_at, mirai_s_source=args.mirai_s_source, boundary=args.boundary,
+    ).to(device)
+    optimizer = torch.optim.AdamW(param_groups([model, objective], args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    forward_model = torch.compile(model) if args.compile else model
+
+    start_step = 0
+    last_path = os.path.join(args.out, "last.pt")
+    if args.resume:
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_step = state["step"]
+
+    schedule = {"ema_decay": ema_decay, "warmup_steps": warmup, "halve_at": halve_at,
+                "foresight_layer": getattr(objective, "layer", None)}
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({"args": vars(args), "gpt": config.__dict__, "schedule": schedule}, f, indent=1)
+
+    def save_full(step):
+        atomic_save({"config": config.__dict__, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                     "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                     "rng": torch.get_rng_state(), "step": step, "args": vars(args)}, last_path)
+
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    progress = range(start_step, args.steps)
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(progress, initial=start_step, total=args.steps, desc=f"train {args.objective}")
+    model.train()
+    metrics, step_times = {}, []
+    for step in progress:
+        tokens, labels = collate(dataset, batch_indices(step, args.batch_size, len(dataset), args.seed))
+        tokens, labels = tokens.to(device), labels.to(device)
+        t0 = time.perf_counter()
+        with autocast:
+            loss, metrics = objective.loss(forward_model, tokens[:, :-1], labels, tokens, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(objective.parameters()),
+                                                   args.grad_clip)
+        optimizer.step()
+        ema.update(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        metrics.update(step=step + 1, loss=loss.item(), grad_norm=float(grad_norm), step_s=step_times[-1],
+                       tokens_per_s=tokens.numel() / step_times[-1])
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            if not args.no_progress:
+                progress.set_postfix(ntp=f"{metrics['ntp']:.3f}")
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
+            save_full(step + 1)
+    log.close()
+    save_full(args.steps)
+    atomic_save({"config": config.__dict__, "model": ema.model.state_dict()}, os.path.join(args.out, "model.pt"))
+    steady = step_times[len(step_times) // 5:] or step_times
+    return {"final": metrics, "step_s_median": sorted(steady)[len(steady) // 2] if steady else math.nan,
+            "schedule": schedule, "out": args.out}
+
+
+def main(argv=None):
+    summary = train(parse_args(argv))
+    print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
+    print(f"final: {json.dumps(summary['final'])}")
+    print(f"checkpoints: {summary['out']}/last.pt (resume), {summary['out']}/model.pt (sampling)")
+
+
+if __name__ == "__main__":
+    main()
