@@ -27,3 +27,194 @@ class Rope2D(nn.Module):
 
     def extra_repr(self) -> str:
         return f"grid={self.grid}, head_dim={self.head_dim}, prefix={self.prefix}, base={self.base}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Foresight heads (issue 5)
+# ---------------------------------------------------------------------------------------------------------
+
+from .ops.foresight import fused_linear_cosine_loss as _fused_linear_cosine_loss  # noqa: E402
+from .ops.foresight import parse_offsets as _parse_offsets  # noqa: E402
+
+
+class _SiluBmm(torch.autograd.Function):
+    """``out[k] = silu(a[k]) @ w[k].T + b[k]`` for the K foresight heads in one batched GEMM. Saves the
+    pre-activation ``a`` only and recomputes the SiLU in backward (an elementwise pass, no GEMM), so the activation
+    is never stored. ``a``: ``(B, N, K, h_in)`` view with unit last stride; returns ``(B, N, K, h_out)`` as a view of
+    a ``(K, B, N, h_out)`` buffer."""
+
+    @staticmethod
+    def forward(ctx, a, w, b):
+        batch, seqlen, n_heads, h_in = a.shape
+        a_k = a.permute(2, 0, 1, 3).reshape(n_heads, batch * seqlen, h_in)
+        out = torch.baddbmm(b.unsqueeze(1), torch.nn.functional.silu(a_k), w.transpose(1, 2))
+        ctx.save_for_backward(a, w)
+        return out.view(n_heads, batch, seqlen, -1).permute(1, 2, 0, 3)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w = ctx.saved_tensors
+        batch, seqlen, n_heads, h_in = a.shape
+        a_k = a.permute(2, 0, 1, 3).reshape(n_heads, batch * seqlen, h_in)
+        g = grad.permute(2, 0, 1, 3).reshape(n_heads, batch * seqlen, -1)
+        grad_a = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.ops.aten.silu_backward(torch.bmm(g, w), a_k)
+            grad_a = grad_a.view(n_heads, batch, seqlen, h_in).permute(1, 2, 0, 3)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.bmm(g.transpose(1, 2), torch.nn.functional.silu(a_k))
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(1)
+        return grad_a, grad_w, grad_b
+
+
+class ForesightHeads(nn.Module):
+    """Mirai's K foresight heads (REPA-style projector MLPs) and their loss, as one module.
+
+    Head ``k`` is ``Linear(d_model -> hidden) SiLU [Linear(hidden -> hidden) SiLU] x (depth - 2)
+    Linear(hidden -> z_dim)`` (``depth = 1``: a single ``Linear(d_model -> z_dim)``), initialised N(0, 0.02) with
+    zero biases, as the paper's projector. The K heads run together:
+
+    * the first layer of all heads is **one GEMM** ``(B*N, d_model) x (d_model, K*hidden)`` (they share their
+      input ``h``);
+    * the middle layers are one batched GEMM over the heads each, whose SiLU is applied to the stored
+      pre-activation and recomputed in backward (the activation is never stored);
+    * the last layer is :func:`mirai_kernels.fused_linear_cosine_loss` with ``input_activation="silu"``: the last
+      SiLU and the ``(B, N, K, z_dim)`` projections exist only chunk by chunk, and only the input gradient is kept;
+    * ``recompute=True`` checkpoints everything before the last layer (only ``h`` is kept; the trunk runs twice).
+
+    Parameters: ``weight_in (K*hidden, d_model)``, ``bias_in (K*hidden,)`` (rows ``k*hidden:(k+1)*hidden`` are head
+    k's), ``weights_mid[i] (K, hidden, hidden)``, ``biases_mid[i] (K, hidden)``, ``weight_out (K, z_dim, hidden)``,
+    ``bias_out (K, z_dim)``; each slice is the corresponding ``nn.Linear``'s ``weight`` / ``bias``.
+
+    ``forward(h, targets)`` → ``(total, per_head)``:
+        h: ``(B, N, d_model)`` student hidden state (LlamaGen: the raw residual stream after block l).
+        targets: ``(B, N, z_dim)`` indexed like the sequence (see :func:`mirai_kernels.foresight_cosine_loss`);
+            detached and cast to the compute dtype (the fp32 teacher state under bf16 autocast).
+        Returns the :func:`~mirai_kernels.foresight_cosine_loss` pair: ``total = sum_k λ_k per_head[k]``.
+    Under ``torch.autocast`` the heads compute in the autocast dtype.
+
+    Presets (see MIRAI_SPEC.md):
+        * :meth:`mirai_e` — Mirai-E: offsets ``{0, 1, W}`` (same cell, right, below; ``{0, 1, 16}`` on 16x16),
+          λ = 2 each, raster boundary (paper-exact row wrap), prefix aligned, ``z_dim = d_model`` (the EMA teacher's
+          layer-l state).
+        * :meth:`mirai_i` — Mirai-I: offset ``{0}``, λ = 2, prefix not aligned (``grid_to_sequence`` targets),
+          ``z_dim = 768`` (DINOv2 ViT-B/14).
+    """
+
+    def __init__(self, d_model: int, z_dim: int, offsets, *, grid, prefix: int = 1, boundary: str = "raster",
+                 align_prefix: bool = True, head_weights=None, hidden: int = 2048, depth: int = 3,
+                 recompute: bool = False, backend: Optional[str] = None):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"ForesightHeads: depth must be >= 1, got {depth}")
+        if grid is None:
+            raise ValueError("ForesightHeads: grid=(H, W) is required")
+        parsed = _parse_offsets(offsets, grid)  # validates early, with the op's messages
+        n_heads = len(parsed)
+        if head_weights is not None and len(head_weights) != n_heads:
+            raise ValueError(f"ForesightHeads: head_weights has {len(head_weights)} entries for {n_heads} heads")
+        self.d_model, self.z_dim, self.hidden, self.depth, self.n_heads = d_model, z_dim, hidden, depth, n_heads
+        self.offsets = [tuple(o) if isinstance(o, (list, tuple)) else int(o) for o in
+                        (offsets if isinstance(offsets, (list, tuple)) else [offsets])]
+        self.grid, self.prefix, self.boundary, self.align_prefix = grid, prefix, boundary, align_prefix
+        self.head_weights = None if head_weights is None else [float(w) for w in head_weights]
+        self.recompute, self.backend = recompute, backend
+        last_in = d_model if depth == 1 else hidden
+        if depth >= 2:
+            self.weight_in = nn.Parameter(torch.empty(n_heads * hidden, d_model))
+            self.bias_in = nn.Parameter(torch.zeros(n_heads * hidden))
+        self.weights_mid = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_heads, hidden, hidden)) for _ in range(max(0, depth - 2))]
+        )
+        self.biases_mid = nn.ParameterList(
+            [nn.Parameter(torch.zeros(n_heads, hidden)) for _ in range(max(0, depth - 2))]
+        )
+        self.weight_out = nn.Parameter(torch.empty(n_heads, z_dim, last_in))
+        self.bias_out = nn.Parameter(torch.zeros(n_heads, z_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if "bias" in name:
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    @classmethod
+    def mirai_e(cls, d_model: int, *, grid=(16, 16), **kwargs) -> "ForesightHeads":
+        """Mirai-E preset: offsets (0, 0), (0, 1), (1, 0) = {0, 1, 16} on 16x16, λ = 2 each, z_dim = d_model."""
+        kwargs.setdefault("head_weights", [2.0, 2.0, 2.0])
+        return cls(d_model, kwargs.pop("z_dim", d_model), [(0, 0), (0, 1), (1, 0)], grid=grid, **kwargs)
+
+    @classmethod
+    def mirai_i(cls, d_model: int, z_dim: int = 768, *, grid=(16, 16), **kwargs) -> "ForesightHeads":
+        """Mirai-I preset: offset 0, λ = 2, prefix not aligned, z_dim = 768 (DINOv2 ViT-B/14 patch tokens)."""
+        kwargs.setdefault("head_weights", [2.0])
+        kwargs.setdefault("align_prefix", False)
+        return cls(d_model, z_dim, [0], grid=grid, **kwargs)
+
+    def _trunk(self, h: torch.Tensor, *params) -> torch.Tensor:
+        """Pre-activation of the last SiLU, ``(B, N, K, hidden)``; params: w_in, b_in, (w_mid, b_mid)*."""
+        batch, seqlen, _ = h.shape
+        a = torch.nn.functional.linear(h, params[0], params[1]).view(batch, seqlen, self.n_heads, self.hidden)
+        for i in range(self.depth - 2):
+            a = _SiluBmm.apply(a, params[2 + 2 * i], params[3 + 2 * i])
+        return a
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor):
+        if h.dim() != 3 or h.shape[-1] != self.d_model:
+            raise ValueError(f"ForesightHeads: h must be (B, N, d_model={self.d_model}), got {tuple(h.shape)}")
+        dtype = h.dtype
+        if torch.is_autocast_enabled(h.device.type):
+            dtype = torch.get_autocast_dtype(h.device.type)
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.to(dtype)
+            targets = targets.detach().to(dtype)
+            w_out, b_out = self.weight_out.to(dtype), self.bias_out.to(dtype)
+            kw = dict(grid=self.grid, prefix=self.prefix, boundary=self.boundary, align_prefix=self.align_prefix,
+                      head_weights=self.head_weights, backend=self.backend)
+            if self.depth == 1:
+                x = h.unsqueeze(2).expand(-1, -1, self.n_heads, -1)
+                return _fused_linear_cosine_loss(x, w_out, b_out, targets, self.offsets, **kw)
+            params = [self.weight_in.to(dtype), self.bias_in.to(dtype)]
+            for w, b in zip(self.weights_mid, self.biases_mid):
+                params += [w.to(dtype), b.to(dtype)]
+            if self.recompute and torch.is_grad_enabled():
+                a = torch.utils.checkpoint.checkpoint(self._trunk, h, *params, use_reentrant=False)
+            else:
+                a = self._trunk(h, *params)
+            return _fused_linear_cosine_loss(a, w_out, b_out, targets, self.offsets, input_activation="silu", **kw)
+
+    def head_mlps(self) -> list:
+        """The K heads as separate ``nn.Sequential`` MLPs sharing nothing (copies of this module's weights), the
+        paper code's layout: for checks and the eager baseline."""
+        mlps = []
+        fk = dict(device=self.weight_out.device, dtype=self.weight_out.dtype)
+        for k in range(self.n_heads):
+            if self.depth == 1:
+                layers = [nn.Linear(self.d_model, self.z_dim, **fk)]
+                layers[0].weight.data.copy_(self.weight_out[k])
+                layers[0].bias.data.copy_(self.bias_out[k])
+            else:
+                first = nn.Linear(self.d_model, self.hidden, **fk)
+                first.weight.data.copy_(self.weight_in[k * self.hidden:(k + 1) * self.hidden])
+                first.bias.data.copy_(self.bias_in[k * self.hidden:(k + 1) * self.hidden])
+                layers = [first, nn.SiLU()]
+                for w, b in zip(self.weights_mid, self.biases_mid):
+                    mid = nn.Linear(self.hidden, self.hidden, **fk)
+                    mid.weight.data.copy_(w[k])
+                    mid.bias.data.copy_(b[k])
+                    layers += [mid, nn.SiLU()]
+                last = nn.Linear(self.hidden, self.z_dim, **fk)
+                last.weight.data.copy_(self.weight_out[k])
+                last.bias.data.copy_(self.bias_out[k])
+                layers.append(last)
+            mlps.append(nn.Sequential(*layers))
+        return mlps
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, z_dim={self.z_dim}, offsets={self.offsets}, grid={self.grid}, "
+                f"prefix={self.prefix}, boundary={self.boundary!r}, align_prefix={self.align_prefix}, "
+                f"head_weights={self.head_weights}, hidden={self.hidden}, depth={self.depth}, "
+                f"recompute={self.recompute}")

@@ -13,6 +13,8 @@ from mirai_kernels.reference import foresight as ref
 
 from .tolerances import assert_close_fa
 
+from mirai_kernels.modules import ForesightHeads as ForesightHeadsCls  # noqa: E402
+
 CPU = torch.device("cpu")
 FACES = [f for f in ("cpp", "triton") if f in B.available_faces(fops.OP, CPU)]
 ALL_FACES = ["reference"] + FACES
@@ -434,3 +436,94 @@ def test_gpu_triton_fused_and_cosine(dtype, case):
     assert_close_fa(xf.grad, xr.grad, xp.grad, factor=3.0, name="grad_x")
     assert_close_fa(wf.grad, wr.grad, wp.grad, factor=3.0, name="grad_weight")
     opcheck(fops.face_ops("triton")["fwd"], (proj.detach().requires_grad_(), targets, tpos))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ForesightHeads
+# ---------------------------------------------------------------------------------------------------------
+
+
+def paper_eager_heads(module, h, targets):
+    """The paper code: K separate MLPs on the full hidden state, then slice / cat prefix / normalize / mean."""
+    width = module.grid if isinstance(module.grid, int) else module.grid[1]
+    raster = [o if isinstance(o, int) else o[0] * width + o[1] for o in module.offsets]
+    projs = [mlp(h) for mlp in module.head_mlps()]
+    total, per_head = ref.paper_heads_loss(projs, targets, raster, module.prefix)
+    weights = module.head_weights or [1.0] * module.n_heads
+    return (torch.tensor(weights, dtype=per_head.dtype) * per_head).sum(), per_head, projs
+
+
+@pytest.mark.parametrize("face", ALL_FACES)
+@pytest.mark.parametrize("depth,recompute", [(3, False), (3, True), (1, False), (4, False)])
+def test_foresight_heads_match_paper_eager_heads(face, depth, recompute):
+    grid = (4, 5)
+    module = ForesightHeadsCls(12, 10, [0, 1, (1, 1)], grid=grid, head_weights=[2.0, 1.0, 0.5], hidden=24,
+                               depth=depth, recompute=recompute, backend=face).double()
+    for p in module.parameters():  # non-zero biases, larger weights: cosines far from 0
+        torch.nn.init.normal_(p, std=0.3)
+    n = seq_len(grid, 1)
+    h = torch.randn(3, n, 12, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(3, n, 10, dtype=torch.float64)
+    if face == "triton":
+        module, h_in, targets = module.float(), h.detach().float().requires_grad_(), targets.float()
+    else:
+        h_in = h
+    total, per_head = module(h_in, targets)
+    total.backward()
+    eager_module = module.double()
+    h_ref = h.detach().clone().requires_grad_()
+    total_ref, per_head_ref, _ = paper_eager_heads(eager_module, h_ref, targets.double())
+    (grad_h_ref,) = torch.autograd.grad(total_ref, [h_ref])
+    tol = dict(atol=1e-5, rtol=1e-4) if face == "triton" else dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(per_head.double(), per_head_ref, **tol)
+    torch.testing.assert_close(h_in.grad.double(), grad_h_ref, **tol)
+
+
+def test_foresight_heads_parameter_grads_match_separate_mlps():
+    module = ForesightHeadsCls(8, 6, [0, 4], grid=4, hidden=16, depth=3, backend="reference").double()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    h = torch.randn(2, 15, 8, dtype=torch.float64)
+    targets = torch.randn(2, 15, 6, dtype=torch.float64)
+    for face in ALL_FACES:
+        module.backend = face
+        module.zero_grad()
+        dt = torch.float32 if face == "triton" else torch.float64
+        m = module.to(dt)
+        m(h.to(dt), targets.to(dt))[0].backward()
+        mlps = m.double().head_mlps()
+        projs = [mlp(h) for mlp in mlps]
+        ref.paper_heads_loss(projs, targets, [0, 4], 1)[0].backward()
+        tol = dict(atol=1e-5, rtol=1e-4) if face == "triton" else dict(atol=1e-10, rtol=1e-9)
+        for k, mlp in enumerate(mlps):
+            torch.testing.assert_close(m.weight_in.grad[k * 16:(k + 1) * 16].double(), mlp[0].weight.grad, **tol)
+            torch.testing.assert_close(m.bias_in.grad[k * 16:(k + 1) * 16].double(), mlp[0].bias.grad, **tol)
+            torch.testing.assert_close(m.weights_mid[0].grad[k].double(), mlp[2].weight.grad, **tol)
+            torch.testing.assert_close(m.biases_mid[0].grad[k].double(), mlp[2].bias.grad, **tol)
+            torch.testing.assert_close(m.weight_out.grad[k].double(), mlp[4].weight.grad, **tol)
+            torch.testing.assert_close(m.bias_out.grad[k].double(), mlp[4].bias.grad, **tol)
+
+
+def test_foresight_heads_presets_and_init():
+    e = ForesightHeadsCls.mirai_e(32, hidden=16)
+    assert e.n_heads == 3 and e.head_weights == [2.0, 2.0, 2.0] and e.z_dim == 32 and e.align_prefix
+    assert fops.pairing_table(255, (16, 16), e.offsets)[:, 2].tolist()[:3] == [0, 17, 18]  # (1, 0) = raster 16
+    i = ForesightHeadsCls.mirai_i(32, hidden=16)
+    assert i.n_heads == 1 and i.head_weights == [2.0] and i.z_dim == 768 and not i.align_prefix
+    assert torch.count_nonzero(e.bias_in) == 0 and torch.count_nonzero(e.bias_out) == 0
+    assert 0.015 < e.weight_in.std().item() < 0.025
+    with pytest.raises(ValueError, match="dx must be < W"):
+        ForesightHeadsCls(8, 8, [(0, 16)], grid=16)
+    with pytest.raises(ValueError, match="head_weights has 1 entries"):
+        ForesightHeadsCls(8, 8, [0, 1], grid=16, head_weights=[1.0])
+
+
+def test_foresight_heads_autocast_bf16_runs():
+    module = ForesightHeadsCls.mirai_e(16, grid=(4, 4), hidden=32)
+    h = torch.randn(2, 16, 16, requires_grad=True)
+    targets = torch.randn(2, 16, 16)  # fp32 teacher state
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, per_head = module(h, targets)
+    total.backward()
+    assert torch.isfinite(per_head).all() and h.grad.dtype == torch.float32
+    assert module.weight_in.grad is not None and module.weight_in.grad.dtype == torch.float32
