@@ -47,8 +47,8 @@ def dual_attention(
         future = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
         masked = scores.masked_fill(future, float("-inf"))
         lse_c = torch.logsumexp(masked, dim=-1)
-        out_c = (torch.exp(masked - lse_c[..., None]) @ vh).transpose(1, 2).to(q.dtype)
+        out_c = (torch.exp(masked - lse_c[..., None]) @ vh).transpose(1, 2).contiguous().to(q.dtype)
     if outputs in ("both", "bidirectional"):
         lse_b = torch.logsumexp(scores, dim=-1)
-        out_b = (torch.exp(scores - lse_b[..., None]) @ vh).transpose(1, 2).to(q.dtype)
+        out_b = (torch.exp(scores - lse_b[..., None]) @ vh).transpose(1, 2).contiguous().to(q.dtype)
     return out_c, out_b, lse_c, lse_b

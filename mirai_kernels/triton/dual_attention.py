@@ -180,7 +180,7 @@ def _bwd_dkdv_kernel(
             d_c = tl.load(dc_ptr + row_base + offs_m, mask=m_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (keys, queries)
             past = (offs_n[:, None] <= offs_m[None, :]) & m_ok[None, :] & n_ok[:, None]
-            pt = tl.where(past, tl.math.exp2(st - lse_c[None, :]), 0.0)
+            pt = tl.math.exp2(tl.where(past, st - lse_c[None, :], float("-inf")))
             dpt = tl.dot(v, tl.trans(do_c), input_precision=PREC)
             dst = pt * (dpt - d_c[None, :])
             dv += tl.dot(pt.to(do_c.dtype), do_c, input_precision=PREC)
@@ -190,7 +190,7 @@ def _bwd_dkdv_kernel(
                     lse_u = tl.load(lseu_ptr + row_base + offs_m, mask=m_ok, other=0.0)
                     d_u = tl.load(du_ptr + row_base + offs_m, mask=m_ok, other=0.0)
                     future = (offs_n[:, None] > offs_m[None, :]) & m_ok[None, :] & n_ok[:, None]
-                    pt_u = tl.where(future, tl.math.exp2(st - lse_u[None, :]), 0.0)
+                    pt_u = tl.math.exp2(tl.where(future, st - lse_u[None, :], float("-inf")))
                     dpt_u = tl.dot(v, tl.trans(do_u), input_precision=PREC)
                     dst += pt_u * (dpt_u - d_u[None, :])
                     dv += tl.dot(pt_u.to(do_u.dtype), do_u, input_precision=PREC)
@@ -204,7 +204,7 @@ def _bwd_dkdv_kernel(
                 lse_u = tl.load(lseu_ptr + row_base + offs_m)
                 d_u = tl.load(du_ptr + row_base + offs_m)
                 st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-                pt = tl.where(n_ok[:, None], tl.math.exp2(st - lse_u[None, :]), 0.0)
+                pt = tl.math.exp2(tl.where(n_ok[:, None], st - lse_u[None, :], float("-inf")))
                 dpt = tl.dot(v, tl.trans(do_u), input_precision=PREC)
                 dst = pt * (dpt - d_u[None, :])
                 dv += tl.dot(pt.to(do_u.dtype), do_u, input_precision=PREC)
@@ -262,13 +262,13 @@ def _bwd_dq_kernel(
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         past = (cols[None, :] <= offs_m[:, None]) & n_ok[None, :] & m_ok[:, None]
-        p = tl.where(past, tl.math.exp2(s - lse_c[:, None]), 0.0)
+        p = tl.math.exp2(tl.where(past, s - lse_c[:, None], float("-inf")))
         dp = tl.dot(do_c, tl.trans(v), input_precision=PREC)
         ds = p * (dp - d_c[:, None])
         if HAS_U:
             if n0 == m0:
                 future = (cols[None, :] > offs_m[:, None]) & n_ok[None, :] & m_ok[:, None]
-                p_u = tl.where(future, tl.math.exp2(s - lse_u[:, None]), 0.0)
+                p_u = tl.math.exp2(tl.where(future, s - lse_u[:, None], float("-inf")))
                 dp_u = tl.dot(do_u, tl.trans(v), input_precision=PREC)
                 ds += p_u * (dp_u - d_u[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -280,7 +280,7 @@ def _bwd_dq_kernel(
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            p = tl.where(n_ok[None, :] & m_ok[:, None], tl.math.exp2(s - lse_u[:, None]), 0.0)
+            p = tl.math.exp2(tl.where(n_ok[None, :] & m_ok[:, None], s - lse_u[:, None], float("-inf")))
             dp = tl.dot(do_u, tl.trans(v), input_precision=PREC)
             ds = p * (dp - d_u[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -392,7 +392,11 @@ def dual_attention_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, soft
         alpha = torch.exp(lse_c - lse_b)  # (B, H, S)
         d_u = _row_term(dout_b, out_b)
         d_c = _row_term(dout_c, out_c) + alpha * d_u
-        do_c = (dout_c.float() + alpha.transpose(1, 2)[..., None] * dout_b.float()).to(q.dtype)
+        do_c32 = dout_c.float() + alpha.transpose(1, 2)[..., None] * dout_b.float()
+        do_c = do_c32.to(q.dtype)
+        # The kernels compute dP from the rounded do_c; shifting D by the rounding's share keeps
+        # sum_j P_ij (dP_ij - D_i) = 0 exact, as it is for plain attention (e.g. dq = 0 at seqlen 1).
+        d_c = d_c + _row_term(do_c.float() - do_c32, out_c)
         do_u, lse_cc, lse_u = dout_b.contiguous(), lse_c, lse_b
     elif has_c:
         d_c, do_c, lse_cc = _row_term(dout_c, out_c), dout_c.contiguous(), lse_c

@@ -1,0 +1,273 @@
+"""Dual (causal + bidirectional) attention: every face against an fp64 reference by the FlashAttention rule, each
+output alone and both, stop-gradient semantics, grouped K/V, strided qkv views, opcheck, compile, bad inputs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import mirai_kernels as mk
+from mirai_kernels import backend as B
+from mirai_kernels.ops import dual_attention as da_ops
+from mirai_kernels.reference import dual_attention as ref
+
+from .tolerances import assert_close_fa
+
+CPU = torch.device("cpu")
+FACES = [f for f in ("reference", "cpp", "triton") if f in B.available_faces("dual_attention", CPU)]
+FAST = [f for f in FACES if f != "reference"]
+OUTPUTS = ("both", "causal", "bidirectional")
+
+
+def fused_qkv(batch, seqlen, nheads, nheads_k, head_dim, dtype, strided=True):
+    """q, k, v as strided views of one fused projection (LlamaGen's wqkv layout), or separate tensors."""
+    if strided:
+        qkv = torch.randn(batch, seqlen, nheads + 2 * nheads_k, head_dim, dtype=dtype)
+        return qkv[:, :, :nheads], qkv[:, :, nheads:nheads + nheads_k], qkv[:, :, nheads + nheads_k:]
+    return (torch.randn(batch, seqlen, nheads, head_dim, dtype=dtype),
+            torch.randn(batch, seqlen, nheads_k, head_dim, dtype=dtype),
+            torch.randn(batch, seqlen, nheads_k, head_dim, dtype=dtype))
+
+
+def eager_same_precision(q, k, v, outputs):
+    """Plain PyTorch attention computed in the inputs' dtype: the baseline of the FlashAttention rule."""
+    groups = q.shape[2] // k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(groups, 1), v.transpose(1, 2).repeat_interleave(
+        groups, 1)
+    scores = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    out_c = out_b = None
+    if outputs != "bidirectional":
+        future = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).triu(1)
+        out_c = (scores.masked_fill(future, float("-inf")).softmax(-1) @ vh).transpose(1, 2)
+    if outputs != "causal":
+        out_b = (scores.softmax(-1) @ vh).transpose(1, 2)
+    return out_c, out_b
+
+
+def grads_of(outs, upstream, inputs):
+    pairs = [(o, g) for o, g in zip(outs, upstream) if o is not None and o.requires_grad]
+    assert pairs
+    return torch.autograd.grad([o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs])
+
+
+def check_against_fp64(face, q, k, v, outputs, *, bidirectional_grad=True):
+    dtype = q.dtype
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    leaves_pt = [t.detach().requires_grad_() for t in (q, k, v)]
+    out_c, out_b, lse_c, lse_b = mk.dual_attention(*leaves, outputs=outputs, return_lse=True,
+                                                   bidirectional_grad=bidirectional_grad, backend=face)
+    r_c, r_b, r_lse_c, r_lse_b = ref.dual_attention(*leaves64, outputs=outputs)
+    p_c, p_b = eager_same_precision(*leaves_pt, outputs)
+    for name, out, r, p in (("out_causal", out_c, r_c, p_c), ("out_bidir", out_b, r_b, p_b)):
+        if r is None:
+            assert out is None, f"{name} was not requested"
+            continue
+        assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+        assert_close_fa(out, r, p, name=name)
+    for lse, r in ((lse_c, r_lse_c), (lse_b, r_lse_b)):
+        assert (lse is None) == (r is None)
+        if lse is not None:
+            assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+            assert not lse.requires_grad
+            torch.testing.assert_close(lse.double(), r, atol=1e-4, rtol=0)
+    grad_b_flows = bidirectional_grad and out_b is not None
+    if out_b is not None and not bidirectional_grad:
+        assert not out_b.requires_grad
+    if out_c is None and not grad_b_flows:
+        return
+    up_c, up_b = torch.randn(q.shape, dtype=torch.float64), torch.randn(q.shape, dtype=torch.float64)
+    g = grads_of((out_c, out_b), (up_c, up_b), leaves)
+    g64 = grads_of((r_c, r_b if grad_b_flows else None), (up_c, up_b), leaves64)
+    gpt = grads_of((p_c, p_b if grad_b_flows else None), (up_c, up_b), leaves_pt)
+    for name, a, r, p in zip(("dq", "dk", "dv"), g, g64, gpt):
+        assert a.dtype == dtype and a.shape == r.shape
+        assert_close_fa(a, r, p, factor=3.0, name=name)
+
+
+# (batch, seqlen, nheads, nheads_k, head_dim): odd lengths, prime batch/heads, grouped K/V, hd 64 and 128.
+CPP_SHAPES = [
+    (1, 1, 1, 1, 64),
+    (3, 17, 5, 5, 64),
+    (2, 130, 3, 1, 128),
+    (1, 257, 2, 2, 64),
+    (2, 256, 4, 2, 64),
+    (1, 577, 3, 3, 64),
+    (2, 65, 6, 3, 32),
+]
+TRITON_SHAPES = [(1, 1, 1, 1, 64), (1, 17, 2, 1, 64), (1, 70, 1, 1, 128), (2, 33, 2, 2, 16)]
+
+
+@pytest.mark.parametrize("outputs", OUTPUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CPP_SHAPES, ids=lambda s: "B{}-S{}-H{}-Hk{}-D{}".format(*s))
+def test_cpp_matches_fp64(shape, dtype, outputs):
+    if "cpp" not in FACES:
+        pytest.skip("C++ extension not built")
+    batch, seqlen, nheads, nheads_k, head_dim = shape
+    check_against_fp64("cpp", *fused_qkv(*shape, dtype, strided=seqlen % 2 == 1), outputs)
+
+
+@pytest.mark.parametrize("outputs", OUTPUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "B{}-S{}-H{}-Hk{}-D{}".format(*s))
+def test_triton_matches_fp64(shape, dtype, outputs):
+    if "triton" not in FACES:
+        pytest.skip("Triton unavailable")
+    check_against_fp64("triton", *fused_qkv(*shape, dtype, strided=shape[1] % 2 == 1), outputs)
+
+
+@pytest.mark.parametrize("seqlen", [257, 577])
+def test_triton_long_ragged(seqlen):
+    if "triton" not in FACES:
+        pytest.skip("Triton unavailable")
+    check_against_fp64("triton", *fused_qkv(1, seqlen, 1, 1, 64, torch.float32), "both")
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_reference_face_matches_fp64(face):
+    if face != "reference":
+        pytest.skip("covered by the face's own matrix")
+    check_against_fp64("reference", *fused_qkv(2, 19, 3, 3, 32, torch.float32), "both")
+
+
+def test_reference_matches_sdpa():
+    q, k, v = (torch.randn(2, 3, 37, 16, dtype=torch.float64) for _ in range(3))
+    out_c, out_b, lse_c, lse_b = ref.dual_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    torch.testing.assert_close(out_c.transpose(1, 2), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(out_b.transpose(1, 2), F.scaled_dot_product_attention(q, k, v))
+    scores = q @ k.transpose(-1, -2) / 4.0
+    torch.testing.assert_close(lse_b, scores.logsumexp(-1))
+    torch.testing.assert_close(lse_c[..., -1], scores[..., -1, :].logsumexp(-1))
+    torch.testing.assert_close(lse_c[..., 0], scores[..., 0, 0])
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_stop_gradient_bidirectional(face):
+    """bidirectional_grad=False: the bidirectional output is detached and the gradients are the causal ones."""
+    shape = (1, 23, 2, 2, 32) if face == "triton" else (2, 71, 3, 3, 64)
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(*shape, torch.float32, strided=False))
+    out_c, out_b = mk.dual_attention(q, k, v, bidirectional_grad=False, backend=face)
+    assert not out_b.requires_grad and out_c.requires_grad
+    up = torch.randn_like(out_c)
+    g = torch.autograd.grad(out_c, (q, k, v), up)
+    out_c2, none = mk.dual_attention(q, k, v, outputs="causal", backend=face)
+    assert none is None
+    g2 = torch.autograd.grad(out_c2, (q, k, v), up)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b)
+    _, out_b_full = mk.dual_attention(q, k, v, backend=face)
+    torch.testing.assert_close(out_b, out_b_full.detach())
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_independent_upstream_grads_add_up(face):
+    """Gradients of the pair equal the sum of each output's gradients taken alone (linearity of the backward)."""
+    shape = (1, 20, 2, 1, 16) if face == "triton" else (2, 45, 4, 2, 32)
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(*shape, torch.float32))
+    up_c, up_b = torch.randn(q.shape), torch.randn(q.shape)
+    out_c, out_b = mk.dual_attention(q, k, v, backend=face)
+    both = torch.autograd.grad((out_c, out_b), (q, k, v), (up_c, up_b))
+    (oc,) = [mk.dual_attention(q, k, v, outputs="causal", backend=face)[0]]
+    gc = torch.autograd.grad(oc, (q, k, v), up_c)
+    ob = mk.dual_attention(q, k, v, outputs="bidirectional", backend=face)[1]
+    gb = torch.autograd.grad(ob, (q, k, v), up_b)
+    for a, c, b in zip(both, gc, gb):
+        torch.testing.assert_close(a, c + b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("face", FAST)
+def test_no_nan_at_length_one_and_huge_logits(face):
+    q, k, v = fused_qkv(2, 1, 2, 2, 64, torch.float32)
+    out_c, out_b = mk.dual_attention(q, k, v, backend=face)
+    torch.testing.assert_close(out_c, v.contiguous())  # one key: both outputs are it
+    torch.testing.assert_close(out_b, v.contiguous())
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 40, 2, 2, 64, torch.float32, strided=False))
+    big_q = q * 300.0  # logits of order 1e4: exp overflows unless the max is subtracted
+    out_c, out_b, lse_c, lse_b = mk.dual_attention(big_q, k, v, return_lse=True, backend=face)
+    r_c, r_b, _, _ = ref.dual_attention(big_q.double(), k.double(), v.double())
+    for t in (out_c, out_b, lse_c, lse_b):
+        assert torch.isfinite(t).all()
+    torch.testing.assert_close(out_c.double(), r_c, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_b.double(), r_b, atol=1e-4, rtol=1e-4)
+    grads = torch.autograd.grad((out_c.sum() + out_b.sum()), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("face", FAST)
+def test_opcheck(face):
+    ops = da_ops.face_ops(face)
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 19, 2, 1, 16, torch.float32))
+    for causal, bidir in ((True, True), (True, False), (False, True)):
+        opcheck(ops["fwd"], (q, k, v, 0.25, causal, bidir, True))
+    opcheck(ops["fwd"], (q, k, v, 0.25, True, True, False))
+    with torch.no_grad():
+        out_c, out_b, lse_c, lse_b = ops["fwd"](q, k, v, 0.25, True, True, True)
+    g_c, g_b = torch.randn(q.shape), torch.randn(q.shape)
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    opcheck(ops["bwd"], (qd, kd, vd, out_c, out_b, lse_c, lse_b, g_c, g_b, 0.25))
+    opcheck(ops["bwd"], (qd, kd, vd, out_c, None, lse_c, None, g_c, None, 0.25))
+    opcheck(ops["bwd"], (qd, kd, vd, None, out_b, None, lse_b, None, g_b, 0.25))
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_compile_fullgraph(face):
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 21, 2, 2, 16, torch.float32, strided=False))
+
+    def loss(a, b, c):
+        out_c, out_b = mk.dual_attention(a * 1.5, b, c, bidirectional_grad=False, backend=face)
+        return out_c.square().sum() + out_b.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    g_compiled = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    g_eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif("cpp" not in FACES, reason="C++ extension not built")
+def test_auto_picks_cpp_on_cpu():
+    assert B.select_face("dual_attention", CPU, "auto") == "cpp"
+
+
+def test_bad_inputs():
+    q, k, v = fused_qkv(1, 8, 4, 2, 16, torch.float32, strided=False)
+    call = mk.dual_attention
+    with pytest.raises(ValueError, match="4-D"):
+        call(q[0], k, v)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        call(q, k, v[:, :, :1])
+    with pytest.raises(ValueError, match="agree on batch, seqlen and head_dim"):
+        call(q, k[:, :7], v[:, :7])
+    with pytest.raises(ValueError, match="agree on batch, seqlen and head_dim"):
+        call(q[..., :8], k, v)
+    with pytest.raises(ValueError, match="must divide nheads"):
+        call(q[:, :, :3], k, v)
+    with pytest.raises(TypeError, match="share a dtype"):
+        call(q.half(), k, v)
+    with pytest.raises(TypeError, match="dtype must be"):
+        call(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match="one device"):
+        call(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="unit stride in its last dim"):
+        call(q.transpose(1, 3).contiguous().transpose(1, 3), k, v)
+    with pytest.raises(ValueError, match="outputs must be one of"):
+        call(q, k, v, outputs="future")
+    with pytest.raises(ValueError, match="softmax_scale"):
+        call(q, k, v, softmax_scale=float("nan"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        call(q, k, v, backend="tpu")
+    for face in FAST:
+        with pytest.raises(TypeError, match="float64"):
+            call(q.double(), k.double(), v.double(), backend=face)
+
+
+def test_softmax_scale_is_used():
+    q, k, v = fused_qkv(1, 9, 2, 2, 16, torch.float32)
+    for face in FACES:
+        out_c, out_b = mk.dual_attention(q, k, v, softmax_scale=0.7, backend=face)
+        r_c, r_b, _, _ = ref.dual_attention(q.double(), k.double(), v.double(), softmax_scale=0.7)
+        torch.testing.assert_close(out_c.double(), r_c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out_b.double(), r_b, atol=1e-5, rtol=1e-5)
