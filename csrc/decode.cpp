@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "decode_checks.h"
@@ -42,7 +43,7 @@ int64_t cpu_num_splits(int64_t requested, int64_t batch, int64_t nheads_kv, int6
 }
 
 template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+inline acc_t dot(const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t n) {
   // Eight independent partial sums let the compiler vectorise without -ffast-math.
   acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
@@ -52,6 +53,20 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   for (; d < n; ++d) s += a[d] * b[d];
   for (int u = 0; u < 8; ++u) s += part[u];
   return s;
+}
+
+// Widen a row to the accumulation type. bfloat16 -> float is a 16-bit shift, written on the raw bits so the
+// compiler vectorises it (c10's scalar conversion does not).
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void to_acc(const scalar_t* __restrict__ src, acc_t* __restrict__ dst,
+                                                  int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+    uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+    for (int64_t d = 0; d < n; ++d) out[d] = static_cast<uint32_t>(bits[d]) << 16;
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] = acc_t(src[d]);
+  }
 }
 
 // Rotate one row of `half_dim` interleaved pairs by table row `rot`, rounding to scalar_t as the reference
@@ -65,6 +80,161 @@ inline void rotate_row(const scalar_t* x, const float* rot, int64_t half_dim, sc
     out[2 * p + 1] = scalar_t(x1 * c + x0 * sn);
   }
 }
+
+
+// Everything one attention task reads; the task loop is compiled twice (baseline x86-64 and AVX2+FMA, picked at
+// run time) since the package is built without -march flags.
+template <typename scalar_t>
+struct AttendCtx {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* qd;
+  int64_t sqb, sqs, sqh;
+  const scalar_t* kc;
+  const scalar_t* vc;
+  int64_t skb, sks, skh, svb, svs, svh;
+  const int64_t* seqlens;
+  const float* table;
+  bool appending;
+  int64_t seqlen_q, group, nheads_kv, num_splits, head_dim, rows;
+  acc_t* part_o;
+  acc_t* part_lse;
+  acc_t scale;
+};
+
+// Partial softmax attention of tasks [begin, end), task = (batch * nheads_kv + kv head) * num_splits + split.
+// Query rows of a task: r = i * group + g (query head hk * group + g).
+template <typename scalar_t>
+inline __attribute__((always_inline)) void attend_tasks(const AttendCtx<scalar_t>& c, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t seqlen_q = c.seqlen_q, group = c.group, nheads_kv = c.nheads_kv, num_splits = c.num_splits;
+  const int64_t head_dim = c.head_dim, half_dim = head_dim / 2, rows = c.rows;
+  const scalar_t *qd = c.qd, *kc = c.kc, *vc = c.vc;
+  const int64_t sqb = c.sqb, sqs = c.sqs, sqh = c.sqh;
+  const int64_t skb = c.skb, sks = c.sks, skh = c.skh, svb = c.svb, svs = c.svs, svh = c.svh;
+  const int64_t* seqlens = c.seqlens;
+  const float* table = c.table;
+  const bool appending = c.appending;
+  const acc_t scale = c.scale;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  acc_t* part_o = c.part_o;
+  acc_t* part_lse = c.part_lse;
+  auto position = [&](int64_t b, int64_t i) { return seqlens[b] + (appending ? 0 : -seqlen_q) + i; };
+  const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(scalar_t));
+  std::vector<acc_t> qf(rows * head_dim), kf(kKeyBlock * head_dim), vf(kKeyBlock * head_dim);
+  std::vector<acc_t> m(rows), l(rows), acc(rows * head_dim), p(kKeyBlock);
+  std::vector<scalar_t> tmp(head_dim);
+  std::vector<int64_t> limit(rows);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t split = task % num_splits, bh = task / num_splits;
+    const int64_t b = bh / nheads_kv, hk = bh % nheads_kv;
+    const int64_t length = seqlens[b] + (appending ? seqlen_q : 0);
+    const int64_t chunk = (length + num_splits - 1) / num_splits;
+    const int64_t key_begin = std::min(length, split * chunk), key_end = std::min(length, key_begin + chunk);
+
+    for (int64_t i = 0; i < seqlen_q; ++i) {
+      const int64_t pos = position(b, i);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = i * group + g;
+        const scalar_t* src = qd + b * sqb + i * sqs + (hk * group + g) * sqh;
+        if (table) {
+          rotate_row<scalar_t, acc_t>(src, table + pos * head_dim, half_dim, tmp.data());
+          src = tmp.data();
+        }
+        for (int64_t d = 0; d < head_dim; ++d) qf[r * head_dim + d] = acc_t(src[d]);
+        limit[r] = pos;
+      }
+    }
+    std::fill(m.begin(), m.end(), neg_inf);
+    std::fill(l.begin(), l.end(), acc_t(0));
+    std::fill(acc.begin(), acc.end(), acc_t(0));
+
+    for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyBlock) {
+      const int64_t nk = std::min(kKeyBlock, key_end - k0);
+      // Rows of this block as acc_t: the cache itself when it already is (fp32/fp64), else converted once and
+      // shared by every query row of the group.
+      const acc_t* krows[kKeyBlock];
+      const acc_t* vrows[kKeyBlock];
+      for (int64_t j = 0; j < nk; ++j) {
+        const scalar_t* ks = kc + b * skb + (k0 + j) * sks + hk * skh;
+        const scalar_t* vs = vc + b * svb + (k0 + j) * svs + hk * svh;
+        if (k0 + kKeyBlock + j < key_end) {
+          // Rows of one head are H_kv * D apart (BSHD), often a page apart: the hardware prefetcher does not follow
+          // them, so fetch the next block's rows while this one is computed.
+          const char* kn = reinterpret_cast<const char*>(ks + kKeyBlock * sks);
+          const char* vn = reinterpret_cast<const char*>(vs + kKeyBlock * svs);
+          for (int64_t off = 0; off < row_bytes; off += 64) {
+            __builtin_prefetch(kn + off);
+            __builtin_prefetch(vn + off);
+          }
+        }
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          krows[j] = ks;
+          vrows[j] = vs;
+        } else {
+          acc_t* kd = kf.data() + j * head_dim;
+          acc_t* vd = vf.data() + j * head_dim;
+          to_acc(ks, kd, head_dim);
+          to_acc(vs, vd, head_dim);
+          krows[j] = kd;
+          vrows[j] = vd;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t visible = std::min(nk, limit[r] - k0 + 1);  // keys k0 .. limit[r]
+        if (visible <= 0) continue;
+        acc_t block_max = neg_inf;
+        for (int64_t j = 0; j < visible; ++j) {
+          p[j] = dot(qf.data() + r * head_dim, krows[j], head_dim) * scale;
+          block_max = std::max(block_max, p[j]);
+        }
+        const acc_t m_new = std::max(m[r], block_max);
+        const acc_t alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first block
+        acc_t sum = 0;
+        for (int64_t j = 0; j < visible; ++j) {
+          p[j] = std::exp(p[j] - m_new);
+          sum += p[j];
+        }
+        l[r] = l[r] * alpha + sum;
+        m[r] = m_new;
+        acc_t* __restrict__ a = acc.data() + r * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
+        for (int64_t j = 0; j < visible; ++j) {
+          const acc_t* __restrict__ v = vrows[j];
+          const acc_t pj = p[j];
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += pj * v[d];
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* o = part_o + (task * rows + r) * head_dim;
+      const bool any = l[r] > acc_t(0);
+      part_lse[task * rows + r] = any ? m[r] + std::log(l[r]) : neg_inf;
+      const acc_t inv = any ? acc_t(1) / l[r] : acc_t(0);
+      for (int64_t d = 0; d < head_dim; ++d) o[d] = acc[r * head_dim + d] * inv;
+    }
+  }
+}
+
+template <typename scalar_t>
+void attend_tasks_default(const AttendCtx<scalar_t>& c, int64_t begin, int64_t end) {
+  attend_tasks(c, begin, end);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define MIRAI_DECODE_AVX2 1
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void attend_tasks_avx2(const AttendCtx<scalar_t>& c, int64_t begin,
+                                                           int64_t end) {
+  attend_tasks(c, begin, end);
+}
+
+inline bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+#define MIRAI_DECODE_AVX2 0
+#endif
 
 template <typename scalar_t>
 void decode_cpu_kernel(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -118,79 +288,14 @@ void decode_cpu_kernel(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_c
   const acc_t scale = acc_t(softmax_scale);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
+  const AttendCtx<scalar_t> ctx{qd, sqb, sqs, sqh, kc, vc, skb, sks, skh, svb, svs, svh, seqlens.data(), table,
+                                 appending, seqlen_q, group, nheads_kv, num_splits, head_dim, rows,
+                                 part_o.data(), part_lse.data(), scale};
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qf(rows * head_dim), kf(kKeyBlock * head_dim), vf(kKeyBlock * head_dim);
-    std::vector<acc_t> m(rows), l(rows), acc(rows * head_dim), p(kKeyBlock);
-    std::vector<scalar_t> tmp(head_dim);
-    std::vector<int64_t> limit(rows);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t split = task % num_splits, bh = task / num_splits;
-      const int64_t b = bh / nheads_kv, hk = bh % nheads_kv;
-      const int64_t length = seqlens[b] + (appending ? seqlen_q : 0);
-      const int64_t chunk = (length + num_splits - 1) / num_splits;
-      const int64_t key_begin = std::min(length, split * chunk), key_end = std::min(length, key_begin + chunk);
-
-      for (int64_t i = 0; i < seqlen_q; ++i) {
-        const int64_t pos = position(b, i);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t r = i * group + g;
-          const scalar_t* src = qd + b * sqb + i * sqs + (hk * group + g) * sqh;
-          if (table) {
-            rotate_row<scalar_t, acc_t>(src, table + pos * head_dim, half_dim, tmp.data());
-            src = tmp.data();
-          }
-          for (int64_t d = 0; d < head_dim; ++d) qf[r * head_dim + d] = acc_t(src[d]);
-          limit[r] = pos;
-        }
-      }
-      std::fill(m.begin(), m.end(), neg_inf);
-      std::fill(l.begin(), l.end(), acc_t(0));
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-
-      for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyBlock) {
-        const int64_t nk = std::min(kKeyBlock, key_end - k0);
-        for (int64_t j = 0; j < nk; ++j) {
-          const scalar_t* ks = kc + b * skb + (k0 + j) * sks + hk * skh;
-          const scalar_t* vs = vc + b * svb + (k0 + j) * svs + hk * svh;
-          for (int64_t d = 0; d < head_dim; ++d) {
-            kf[j * head_dim + d] = acc_t(ks[d]);
-            vf[j * head_dim + d] = acc_t(vs[d]);
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t visible = std::min(nk, limit[r] - k0 + 1);  // keys k0 .. limit[r]
-          if (visible <= 0) continue;
-          acc_t block_max = neg_inf;
-          for (int64_t j = 0; j < visible; ++j) {
-            p[j] = dot(qf.data() + r * head_dim, kf.data() + j * head_dim, head_dim) * scale;
-            block_max = std::max(block_max, p[j]);
-          }
-          const acc_t m_new = std::max(m[r], block_max);
-          const acc_t alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first block
-          acc_t sum = 0;
-          for (int64_t j = 0; j < visible; ++j) {
-            p[j] = std::exp(p[j] - m_new);
-            sum += p[j];
-          }
-          l[r] = l[r] * alpha + sum;
-          m[r] = m_new;
-          acc_t* a = acc.data() + r * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) a[d] *= alpha;
-          for (int64_t j = 0; j < visible; ++j) {
-            const acc_t* v = vf.data() + j * head_dim;
-            const acc_t pj = p[j];
-            for (int64_t d = 0; d < head_dim; ++d) a[d] += pj * v[d];
-          }
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        acc_t* o = part_o.data() + (task * rows + r) * head_dim;
-        const bool any = l[r] > acc_t(0);
-        part_lse[task * rows + r] = any ? m[r] + std::log(l[r]) : neg_inf;
-        const acc_t inv = any ? acc_t(1) / l[r] : acc_t(0);
-        for (int64_t d = 0; d < head_dim; ++d) o[d] = acc[r * head_dim + d] * inv;
-      }
-    }
+#if MIRAI_DECODE_AVX2
+    if (cpu_has_avx2_fma()) return attend_tasks_avx2(ctx, begin, end);
+#endif
+    attend_tasks_default(ctx, begin, end);
   });
 
   // 3. Combine the splits of each query row by their log-sum-exp.

@@ -1,0 +1,142 @@
+"""KV-cache decode attention, kernel part: every face of ``decode_attention`` beside SDPA over the cache.
+
+    python benchmarks/decode_bench.py                         # CPU defaults: GPT-B heads, batch 8, caches 256/576
+    python benchmarks/decode_bench.py --batch 8 32 64 --cache-lens 256 576 --layers 12 --json out.json   # GPU
+
+One call = one decode step of every layer (``--layers`` separate caches, cycled so that on a GPU the 50 MB L2 does
+not hold the KV of the next call): append the new token's k/v at ``cache_seqlens``, rotate q/k with RoPE
+(``--rope``), attend over the cache.
+
+Providers, all on the same inputs:
+
+* ``sdpa_over_cache`` (baseline): the usual static-cache eager step (gpt-fast style): caches in SDPA's preferred
+  (B, H, S_max, D) layout, new k/v written with ``scatter_``, then ``scaled_dot_product_attention`` over the whole
+  static cache with a boolean mask of the valid keys; RoPE (if on) by LlamaGen's eager formula;
+* ``mirai_<face>``: ``decode_attention(..., backend=face)`` for every face that runs here (interpreted Triton is
+  not timed);
+* ``copy_same_bytes``: a device-to-device copy moving the same number of bytes (read + write) as the KV the step
+  must read: the practical bandwidth ceiling, measured in the same run.
+
+GB/s counts the bytes a step must move: the K and V rows 0 .. L_b (read), q, k_new, v_new (read) and out (written);
+SDPA over the full static cache reads more than that, so its GB/s is an "effective" figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import Case, add_common_args, run_cases, setup_from_args, write_json  # noqa: E402  (sets sys.path)
+
+import mirai_kernels as mk  # noqa: E402
+from mirai_kernels import backend as B  # noqa: E402
+from mirai_kernels.reference.rope import apply_rope_2d as rope_eager  # noqa: E402
+
+
+def main(argv=None):
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="default: 8 on CPU; 8 32 64 on GPU")
+    parser.add_argument("--heads", type=int, default=12, help="query heads (GPT-B: 12)")
+    parser.add_argument("--heads-kv", type=int, default=None, help="kv heads (default: = heads)")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--cache-lens", type=int, nargs="+", default=[256, 576],
+                        help="cache length before the append (all sequences; see --mixed)")
+    parser.add_argument("--max-seqlen", type=int, default=None, help="static cache size (default: max len + 1)")
+    parser.add_argument("--mixed", action="store_true", help="per-sequence lengths uniform in [1, cache len]")
+    parser.add_argument("--seqlen-q", type=int, default=1, help="new tokens per step")
+    parser.add_argument("--layers", type=int, default=None, help="caches cycled per call (default: 1 CPU, 12 GPU)")
+    parser.add_argument("--rope", action="store_true", help="rotate q and k_new with a 2D RoPE table")
+    parser.add_argument("--num-splits", type=int, default=0, help="0 = each face's heuristic")
+    parser.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: fp32 CPU, fp16 GPU)")
+    args = parser.parse_args(argv)
+    device = setup_from_args(args)
+    on_gpu = device.type == "cuda"
+    batches = args.batch or ([8, 32, 64] if on_gpu else [8])
+    layers = args.layers or (12 if on_gpu else 1)
+    dtype = getattr(torch, args.dtype or ("float16" if on_gpu else "float32"))
+    heads, heads_kv, head_dim, seqlen_q = args.heads, args.heads_kv or args.heads, args.head_dim, args.seqlen_q
+    max_seqlen = args.max_seqlen or max(args.cache_lens) + seqlen_q
+
+    cases = []
+    for batch in batches:
+        for cache_len in args.cache_lens:
+            gen = torch.Generator().manual_seed(batch * 1000 + cache_len)
+            lens = (torch.randint(1, cache_len + 1, (batch,), generator=gen) if args.mixed
+                    else torch.full((batch,), cache_len)).tolist()
+            kv_rows = sum(lens) + batch * seqlen_q
+            step_bytes = (2 * kv_rows * heads_kv * head_dim  # K and V rows attended
+                          + batch * seqlen_q * (2 * heads + 2 * heads_kv) * head_dim) * dtype.itemsize  # q, out, new
+            cases.append(Case(
+                name=f"decode B={batch} cache={cache_len}{' mixed' if args.mixed else ''} x{layers} layers",
+                params=dict(batch=batch, cache_len=cache_len, lens=lens, max_seqlen=max_seqlen, heads=heads,
+                            heads_kv=heads_kv, head_dim=head_dim, seqlen_q=seqlen_q, layers=layers,
+                            rope=args.rope, dtype=str(dtype), num_splits=args.num_splits),
+                bytes=layers * step_bytes,
+            ))
+
+    def make_providers(case):
+        p = case.params
+        batch = p["batch"]
+        seqlens = torch.tensor(p["lens"], dtype=torch.int32, device=device)
+        table = mk.rope_2d_table(int(max_seqlen ** 0.5) + 1, head_dim, device=device) if args.rope else None
+        shape = (batch, max_seqlen, heads_kv, head_dim)
+        caches = [(torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device))
+                  for _ in range(layers)]
+        q = torch.randn(batch, seqlen_q, heads, head_dim, dtype=dtype, device=device)
+        k_new = torch.randn(batch, seqlen_q, heads_kv, head_dim, dtype=dtype, device=device)
+        v_new = torch.randn_like(k_new)
+
+        def ours(face):
+            def step():
+                for k_cache, v_cache in caches:
+                    mk.decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, rope_table=table,
+                                        num_splits=args.num_splits, backend=face)
+            return step
+
+        # Baseline: its own (B, H_kv, S_max, D) caches, as SDPA wants them.
+        sdpa_caches = [(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()) for k, v in caches]
+        positions = seqlens.long()[:, None] + torch.arange(seqlen_q, device=device)  # (B, S_q)
+        rows = positions[:, None, :, None].expand(batch, heads_kv, seqlen_q, head_dim)
+        mask = torch.arange(max_seqlen, device=device)[None, None, :] <= positions[:, :, None]  # (B, S_q, S_max)
+        mask = mask[:, None]
+
+        def sdpa_step():
+            qh, kh, vh = q, k_new, v_new
+            if table is not None:
+                qh, kh = rope_eager(qh, table, positions), rope_eager(kh, table, positions)
+            qh, kh, vh = qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2)
+            for k_cache, v_cache in sdpa_caches:
+                k_cache.scatter_(2, rows, kh)
+                v_cache.scatter_(2, rows, vh)
+                torch.nn.functional.scaled_dot_product_attention(qh, k_cache, v_cache, attn_mask=mask,
+                                                                 enable_gqa=heads != heads_kv)
+
+        providers = {"sdpa_over_cache": sdpa_step}
+        for face in B.op_faces("decode_attention"):
+            reason = B.face_unavailable_reason("decode_attention", face, device)
+            if face == "triton" and B.triton_interpreted():
+                reason = "interpreted Triton is a correctness tool, not timed"
+            if reason is None and face == "cuda" and (dtype not in (torch.float16, torch.bfloat16)
+                                                      or head_dim not in (64, 128)):
+                reason = "the cuda face takes fp16/bf16, head_dim 64/128"
+            providers[f"mirai_{face}"] = (None, reason) if reason else ours(face)
+
+        src = torch.empty(int(case.bytes) // 2, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        providers["copy_same_bytes"] = lambda: dst.copy_(src)
+        return providers
+
+    with torch.inference_mode():
+        results = run_cases(cases, make_providers, baseline="sdpa_over_cache", device=device, args=args)
+    write_json(args.json, "decode_bench", args, device, results, notes={
+        "bytes": "per call: all layers' K/V rows 0..L_b read + q, k_new, v_new read + out written",
+        "copy_same_bytes": "device copy of bytes/2 (read + write = bytes): bandwidth ceiling in the same run",
+        "baseline": "SDPA over the whole static (B, H, S_max, D) cache with a validity mask, scatter_ append",
+    })
+    return results
+
+
+if __name__ == "__main__":
+    main()
