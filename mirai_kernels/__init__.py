@@ -17,11 +17,13 @@ from .ops.rope import apply_rope_2d, rope_2d_table
 from .ops.decode import decode_attention
 from .ops.foresight import foresight_cosine_loss, fused_linear_cosine_loss, grid_to_sequence
 from .ops.dual_attention import dual_attention
+from .modules import ForesightAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ForesightAttention",
     "ForesightHeads",
     "Rope2D",
     "apply_rope_2d",

@@ -218,3 +218,97 @@ class ForesightHeads(nn.Module):
                 f"prefix={self.prefix}, boundary={self.boundary!r}, align_prefix={self.align_prefix}, "
                 f"head_weights={self.head_weights}, hidden={self.hidden}, depth={self.depth}, "
                 f"recompute={self.recompute}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Foresight attention (issue 4)
+# ---------------------------------------------------------------------------------------------------------
+
+from .ops.dual_attention import dual_attention as _dual_attention  # noqa: E402
+
+
+class ForesightAttention(nn.Module):
+    """LlamaGen's ``Attention`` (fused ``wqkv``, 2D RoPE, ``wo``, residual dropout) running through
+    :func:`mirai_kernels.dual_attention`, which can also return the bidirectional output from the same call.
+
+    Parameters keep LlamaGen's names and shapes, so its weights load strictly: ``wqkv.weight``
+    ``((n_head + 2 * n_kv_head) * head_dim, dim)`` (rows: q heads, then k heads, then v heads) and ``wo.weight``
+    ``(dim, dim)``, no biases. Grouped K/V (``n_kv_head`` dividing ``n_head``) maps query head ``h`` to K/V head
+    ``h // (n_head // n_kv_head)``, as LlamaGen's ``repeat_interleave``.
+
+    ``forward(x, rope_table, *, bidirectional=False, bidirectional_grad=True)``:
+        x: ``(batch, seqlen, dim)``.
+        rope_table: from :func:`mirai_kernels.rope_2d_table` (rows ``0 .. seqlen-1`` are used: training order
+            ``[class, z_0, ...]``).
+        bidirectional: also return the bidirectional-attention output (every token sees the whole sequence).
+        bidirectional_grad: with ``bidirectional=True``, False makes the bidirectional output a stop-gradient
+            target: it carries no gradient (neither to the inputs nor to ``wo``) and costs nothing in backward.
+    Returns ``wo(attn)`` after residual dropout, ``(batch, seqlen, dim)``; with ``bidirectional=True`` the pair
+    ``(out_causal, out_bidir)``, both after ``wo`` (one GEMM for the two when both carry gradients) and dropout.
+
+    ``attn_dropout_p`` > 0 in training mode has no fused kernel: that case runs two
+    ``F.scaled_dot_product_attention`` calls with dropout (LlamaGen's training configs keep it at 0).
+    The KV-cache decode path lives in the model (``decode_attention``).
+    """
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: Optional[int] = None, attn_dropout_p: float = 0.0,
+                 resid_dropout_p: float = 0.0, *, backend: Optional[str] = None):
+        super().__init__()
+        if dim % n_head:
+            raise ValueError(f"ForesightAttention: dim {dim} must be divisible by n_head {n_head}")
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_kv_head <= 0 or n_head % n_kv_head:
+            raise ValueError(f"ForesightAttention: n_kv_head {n_kv_head} must divide n_head {n_head}")
+        self.dim, self.n_head, self.n_kv_head = dim, n_head, n_kv_head
+        self.head_dim = dim // n_head
+        self.kv_dim = n_kv_head * self.head_dim
+        self.wqkv = nn.Linear(dim, dim + 2 * self.kv_dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.attn_dropout_p = attn_dropout_p
+        self.resid_dropout = nn.Dropout(resid_dropout_p)
+        self.backend = backend
+
+    def _qkv(self, x: torch.Tensor, rope_table: torch.Tensor):
+        batch, seqlen, _ = x.shape
+        qkv = self.wqkv(x).view(batch, seqlen, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        q = qkv[:, :, : self.n_head]
+        k = qkv[:, :, self.n_head : self.n_head + self.n_kv_head]
+        v = qkv[:, :, self.n_head + self.n_kv_head :]  # a strided view: the kernels read it in place
+        q = apply_rope_2d(q, rope_table, backend=self.backend)
+        k = apply_rope_2d(k, rope_table, backend=self.backend)
+        return q, k, v
+
+    def _attention_with_dropout(self, q, k, v, bidirectional: bool):
+        group = self.n_head // self.n_kv_head
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        out_c = sdpa(qh, kh, vh, is_causal=True, dropout_p=self.attn_dropout_p).transpose(1, 2)
+        out_b = sdpa(qh, kh, vh, dropout_p=self.attn_dropout_p).transpose(1, 2) if bidirectional else None
+        return out_c, out_b
+
+    def forward(self, x: torch.Tensor, rope_table: torch.Tensor, *, bidirectional: bool = False,
+                bidirectional_grad: bool = True):
+        batch, seqlen, _ = x.shape
+        q, k, v = self._qkv(x, rope_table)
+        if self.training and self.attn_dropout_p > 0:
+            attn_c, attn_b = self._attention_with_dropout(q, k, v, bidirectional)
+            if attn_b is not None and not bidirectional_grad:
+                attn_b = attn_b.detach()
+        else:
+            attn_c, attn_b = _dual_attention(q, k, v, outputs="both" if bidirectional else "causal",
+                                             bidirectional_grad=bidirectional_grad, backend=self.backend)
+        attn_c = attn_c.reshape(batch, seqlen, self.dim)
+        if not bidirectional:
+            return self.resid_dropout(self.wo(attn_c))
+        attn_b = attn_b.reshape(batch, seqlen, self.dim)
+        if not bidirectional_grad:
+            with torch.no_grad():
+                out_b = self.resid_dropout(self.wo(attn_b))
+            return self.resid_dropout(self.wo(attn_c)), out_b
+        out = self.wo(torch.cat([attn_c, attn_b]))  # one GEMM for both outputs
+        return self.resid_dropout(out[:batch]), self.resid_dropout(out[batch:])
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
+                f"attn_dropout_p={self.attn_dropout_p}")

@@ -271,3 +271,120 @@ def test_softmax_scale_is_used():
         r_c, r_b, _, _ = ref.dual_attention(q.double(), k.double(), v.double(), softmax_scale=0.7)
         torch.testing.assert_close(out_c.double(), r_c, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out_b.double(), r_b, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ForesightAttention vs an eager LlamaGen-style attention
+# ---------------------------------------------------------------------------------------------------------
+
+
+def llamagen_rotary(x, table):
+    """LlamaGen's apply_rotary_emb: interleaved pairs rotated by the table's (cos, sin), computed in fp32."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    rows = table[: x.shape[1]].view(1, x.shape[1], 1, pairs.shape[3], 2)
+    rotated = torch.stack([pairs[..., 0] * rows[..., 0] - pairs[..., 1] * rows[..., 1],
+                           pairs[..., 1] * rows[..., 0] + pairs[..., 0] * rows[..., 1]], dim=-1)
+    return rotated.flatten(3).type_as(x)
+
+
+class EagerLlamaGenAttention(torch.nn.Module):
+    """LlamaGen's Attention written out: fused wqkv split, RoPE, repeat_interleave'd K/V, SDPA, wo."""
+
+    def __init__(self, dim, n_head, n_kv_head):
+        super().__init__()
+        self.dim, self.n_head, self.n_kv_head, self.head_dim = dim, n_head, n_kv_head, dim // n_head
+        self.wqkv = torch.nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, table, causal=True):
+        bsz, seqlen, _ = x.shape
+        kv = self.n_kv_head * self.head_dim
+        xq, xk, xv = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
+        xq = llamagen_rotary(xq.view(bsz, seqlen, self.n_head, self.head_dim), table)
+        xk = llamagen_rotary(xk.view(bsz, seqlen, self.n_kv_head, self.head_dim), table)
+        xv = xv.view(bsz, seqlen, self.n_kv_head, self.head_dim)
+        xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))
+        xk = xk.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        xv = xv.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        out = F.scaled_dot_product_attention(xq, xk, xv, is_causal=causal)
+        return self.wo(out.transpose(1, 2).contiguous().view(bsz, seqlen, self.dim))
+
+
+class SmallBlock(torch.nn.Module):
+    """attention_norm -> attention -> residual -> ffn_norm -> SwiGLU -> residual, as a LlamaGen block."""
+
+    def __init__(self, attention, dim):
+        super().__init__()
+        self.attention = attention
+        self.attention_norm, self.ffn_norm = torch.nn.RMSNorm(dim, eps=1e-5), torch.nn.RMSNorm(dim, eps=1e-5)
+        self.w1, self.w2, self.w3 = (torch.nn.Linear(dim, 2 * dim, bias=False), torch.nn.Linear(2 * dim, dim, bias=False),
+                                     torch.nn.Linear(dim, 2 * dim, bias=False))
+
+    def ffn(self, h):
+        return h + self.w2(F.silu(self.w1(self.ffn_norm(h))) * self.w3(self.ffn_norm(h)))
+
+    def forward(self, x, table, **kw):
+        out = self.attention(self.attention_norm(x), table, **kw)
+        if isinstance(out, tuple):
+            return tuple(self.ffn(x + o) for o in out)
+        return self.ffn(x + out)
+
+
+@pytest.mark.parametrize("face", [f for f in FACES if f != "triton"] + (["triton"] if "triton" in FACES else []))
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_foresight_attention_matches_eager_llamagen(face, n_kv_head):
+    dim, n_head, grid = 64, 4, (4, 4) if face == "triton" else (6, 7)
+    table = mk.rope_2d_table(grid, dim // n_head, prefix=1)
+    seqlen = table.shape[0] - 1  # training: class token + all but the last image token
+    eager = SmallBlock(EagerLlamaGenAttention(dim, n_head, n_kv_head), dim).double()
+    ours = SmallBlock(mk.ForesightAttention(dim, n_head, n_kv_head, backend=face), dim).double()
+    ours.load_state_dict(eager.state_dict(), strict=True)  # LlamaGen parameter names
+    if face != "reference":
+        eager.float(), ours.float()
+    dtype = torch.float64 if face == "reference" else torch.float32
+    x = torch.randn(2, seqlen, dim, dtype=dtype)
+
+    out = ours(x.requires_grad_(), table)
+    ref_out = eager(x, table)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+    up = torch.randn_like(out)
+    g = torch.autograd.grad(out, [x] + list(ours.parameters()), up)
+    g_ref = torch.autograd.grad(ref_out, [x] + list(eager.parameters()), up, retain_graph=True)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+
+    # Both outputs from one call; the bidirectional one equals the eager non-causal attention.
+    out_c, out_b = ours(x, table, bidirectional=True)
+    ref_b = eager.ffn(x + eager.attention(eager.attention_norm(x), table, causal=False))
+    torch.testing.assert_close(out_c, ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out_b, ref_b, atol=2e-5, rtol=2e-5)
+    up_b = torch.randn_like(out_b)
+    g = torch.autograd.grad((out_c, out_b), [x] + list(ours.parameters()), (up, up_b))
+    g_ref = torch.autograd.grad((ref_out, ref_b), [x] + list(eager.parameters()), (up, up_b))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5)
+
+
+def test_foresight_attention_stop_gradient_target():
+    dim, n_head = 32, 2
+    table = mk.rope_2d_table((3, 3), dim // n_head)
+    attn = mk.ForesightAttention(dim, n_head)
+    x = torch.randn(2, 9, dim, requires_grad=True)
+    out_c, out_b = attn(x, table, bidirectional=True, bidirectional_grad=False)
+    assert out_c.requires_grad and not out_b.requires_grad
+    torch.testing.assert_close(out_c, attn(x, table))
+    torch.testing.assert_close(out_b, attn(x, table, bidirectional=True)[1].detach())
+
+
+def test_foresight_attention_attn_dropout_falls_back_in_training():
+    attn = mk.ForesightAttention(32, 2, attn_dropout_p=0.5)
+    table = mk.rope_2d_table((3, 3), 16)
+    x = torch.randn(1, 9, 32)
+    attn.eval()
+    eval_out = attn(x, table)
+    attn.train()
+    torch.manual_seed(1)
+    train_out = attn(x, table)
+    assert train_out.shape == eval_out.shape and not torch.allclose(train_out, eval_out)
+    with pytest.raises(ValueError, match="must divide n_head"):
+        mk.ForesightAttention(32, 4, 3)
