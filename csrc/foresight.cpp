@@ -11,7 +11,7 @@
 // forward pass (measured faster than a chunked recompute in backward, for about the same saved bytes; see
 // mirai_kernels/ops/foresight.py). x (B, N, K, H), weight (K, Z, H), bias (K, Z) or None, targets (B, N, Z), tpos.
 // Returns per_head (K,) fp32/fp64 = -mean over (batch, valid pairs) of cos, and, when compute_grad, the gradients
-// of -sum(cos) per head: grad_x (B, N, K, H) in x's dtype, grad_weight (K, Z, H) and grad_bias (K, Z) in the
+// of -sum(cos) per head: grad_x (B, N, K, H) in x's dtype (a permuted view of a (K, B, N, H) buffer), grad_weight (K, Z, H) and grad_bias (K, Z) in the
 // accumulation type (empty tensors otherwise). The caller scales them by upstream_k / (B * pairs_k).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -207,8 +207,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto per_head = at::zeros({K}, x.options().dtype(acc));
   at::Tensor gx, gw, gb;
+  at::Tensor gx_heads;  // (K, B, N, H): each head's chunk is contiguous, so GEMMs write it in place
   if (compute_grad) {
-    gx = at::empty({B, N, K, H}, x.options());
+    gx_heads = at::empty({K, B, N, H}, x.options());
+    gx = gx_heads.permute({1, 2, 0, 3});
     gw = at::zeros({K, Z, H}, x.options().dtype(acc));
     gb = at::zeros({K, Z}, x.options().dtype(acc));
   } else {
@@ -235,9 +237,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
       per_head.select(0, k).sub_(c.sum());
       if (compute_grad) {
         const auto dp = foresight_cos_bwd_cpu(at::full_like(c, -1.0), p, tch, tk).view({bc * N, Z});
-        auto gxk = at::mm(dp, wk);
-        if (silu_input) gxk = at::silu_backward(gxk, xin);
-        gx.slice(0, b0, b1).select(2, k).copy_(gxk.view({bc, N, H}));
+        auto out = gx_heads.select(0, k).slice(0, b0, b1).view({bc * N, H});
+        if (silu_input) {
+          at::silu_backward_out(out, at::mm(dp, wk), xin);
+        } else {
+          at::mm_out(out, dp, wk);
+        }
         gw.select(0, k).add_(at::mm(dp.t(), xk).to(acc));
         gb.select(0, k).add_(dp.sum(0, /*keepdim=*/false, acc));
       }

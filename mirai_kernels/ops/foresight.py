@@ -86,7 +86,9 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     acc = _acc_dtype(x.dtype)
     per_head = torch.zeros(n_heads, dtype=acc, device=x.device)
     if compute_grad:
-        gx = torch.empty((batch, seqlen, n_heads, hidden), dtype=x.dtype, device=x.device)
+        # (K, B, N, H) buffer: each head's chunk is contiguous, so the GEMMs write into it directly.
+        gx_heads = torch.empty((n_heads, batch, seqlen, hidden), dtype=x.dtype, device=x.device)
+        gx = gx_heads.permute(1, 2, 0, 3)
         gw = torch.zeros((n_heads, z_dim, hidden), dtype=acc, device=x.device)
         gb = torch.zeros((n_heads, z_dim), dtype=acc, device=x.device)
     else:
@@ -110,10 +112,11 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
             per_head[k] -= c.sum()
             if compute_grad:
                 dp = kernels.foresight_cos_bwd(torch.full_like(c, -1.0), p, tch, tk).view(bc * seqlen, z_dim)
-                gxk = dp @ wk
+                out = gx_heads[k, b0:b1].view(bc * seqlen, hidden)
                 if silu_input:
-                    gxk = torch.ops.aten.silu_backward(gxk, xin)
-                gx[b0:b1, :, k] = gxk.view(bc, seqlen, hidden)
+                    torch.ops.aten.silu_backward.grad_input(dp @ wk, xin, grad_input=out)
+                else:
+                    torch.mm(dp, wk, out=out)
                 gw[k] += (dp.t() @ xk).to(acc)
                 gb[k] += dp.sum(0, dtype=acc)
     per_head /= counts.clamp(min=1)
@@ -133,7 +136,8 @@ def _fake_fused(x, weight, bias, targets, tpos, compute_grad, silu_input):
     n_heads = x.shape[2]
     per_head = x.new_empty((n_heads,), dtype=acc)
     if compute_grad:
-        return (per_head, x.new_empty(x.shape), x.new_empty(weight.shape, dtype=acc),
+        grad_x = x.new_empty((n_heads, x.shape[0], x.shape[1], x.shape[3])).permute(1, 2, 0, 3)
+        return (per_head, grad_x, x.new_empty(weight.shape, dtype=acc),
                 x.new_empty(weight.shape[:2], dtype=acc))
     return per_head, x.new_empty(0), x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
 
@@ -179,6 +183,8 @@ def _register_fused(face: str) -> None:
         counts = ((tpos >= 0).sum(0).to(gw.dtype) * ctx.batch).clamp(min=1)
         scale = grad_per_head.to(gw.dtype) / counts
         x_dtype, w_dtype, b_dtype = ctx.dtypes
+        # Out of place: an in-place scale of the saved tensor would save one x-sized buffer at this point but
+        # breaks AOT autograd's partitioner (torch.compile).
         grad_x = gx * scale.view(1, 1, n_heads, 1).to(x_dtype) if ctx.needs_input_grad[0] else None
         grad_w = (gw * scale.view(n_heads, 1, 1)).to(w_dtype) if ctx.needs_input_grad[1] else None
         grad_b = (gb * scale.view(n_heads, 1)).to(b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
