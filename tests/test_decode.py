@@ -2,6 +2,7 @@
 cache writes, split-KV invariance, opcheck, compile, bad inputs, GPU faces and CUDA-graph capture."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,6 +354,59 @@ def test_raw_cpp_op_checks_its_inputs():
         op(q, k_cache, v_cache, k_new, v_new, torch.tensor([0, 1], dtype=torch.int32), table[:1], 0.1, 0)
     with pytest.raises(RuntimeError, match="multiple of nheads_kv"):
         op(q[:, :, :3], k_cache, v_cache, k_new, v_new, torch.tensor([0, 1], dtype=torch.int32), None, 0.1, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA kernels' logic, emulated on the CPU (tests/decode_cuda_emulator.cpp)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_emulator(tmp_path_factory):
+    """The CUDA face's kernels and host planning (csrc/cuda/decode.cuh), compiled for the CPU with one OS thread per
+    CUDA thread, as ``torch.ops.mirai_emu.decode_attention_cuda_emulated`` (same schema as the face op)."""
+    if "cpp" not in CPU_FACES:
+        pytest.skip("no C++ toolchain here (the C++ extension is not built either)")
+    from torch.utils.cpp_extension import load
+
+    root = Path(__file__).resolve().parents[1]
+    load(name="mirai_decode_cuda_emulator", sources=[str(root / "tests" / "decode_cuda_emulator.cpp")],
+         extra_include_paths=[str(root / "csrc" / "cuda")], build_directory=str(tmp_path_factory.mktemp("emu")),
+         extra_cflags=["-O1", "-pthread"], extra_ldflags=["-pthread"], is_python_module=False)
+    return torch.ops.mirai_emu.decode_attention_cuda_emulated
+
+
+EMU_CASES = [
+    # batch, seqlen_q, nheads, nheads_kv, head_dim, max_seqlen, seqlens, num_splits: one query row per block (MHA step)
+    ((2, 1, 2, 2, 64, 40, [0, 38]), 0),
+    ((1, 1, 1, 1, 64, 577, [576]), 3),  # full 24x24 + cls cache, several 64-key chunks per split
+    ((3, 1, 2, 1, 128, 300, [255, 1, 0]), 1),  # MQA: 2 rows per block; one split writes out directly
+    ((1, 2, 4, 2, 128, 129, [127]), 0),  # GQA window: 4 rows per block
+    ((1, 5, 4, 2, 64, 70, [3]), 2),  # 10 rows: two 8-row tiles, the second partial
+    ((2, 1, 2, 2, 64, 200, [5, 190]), 8),  # 8 splits of 6 keys: empty splits in the first sequence
+]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case,num_splits", EMU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rope,append", [(True, True), (False, True), (True, False)])
+def test_cuda_kernels_emulated_on_cpu_match_fp64(cuda_emulator, case, num_splits, dtype, rope, append):
+    batch, seqlen_q, nheads, nheads_kv, head_dim, max_seqlen, seqlens = case
+    if not append:
+        seqlens = [max(n, seqlen_q) for n in seqlens]
+    inputs = make_inputs(batch, seqlen_q, nheads, nheads_kv, head_dim, max_seqlen, seqlens, dtype=dtype, rope=rope,
+                         append=append)
+    q, k_cache, v_cache, k_new, v_new, cache_seqlens, table = inputs
+    k_out, v_out = k_cache.clone(), v_cache.clone()
+    out = cuda_emulator(q, k_out, v_out, k_new, v_new, cache_seqlens, table, 1 / math.sqrt(head_dim), num_splits)
+    out_ref, _, _ = run("reference", to_fp64(inputs))
+    out_pt, k_pt, v_pt = run("reference", inputs)
+    assert_close_fa(out, out_ref, out_pt)
+    torch.testing.assert_close(k_out, k_pt, atol=ATOL[dtype], rtol=RTOL[dtype])
+    assert torch.equal(v_out, v_pt)
+    written = (k_pt != k_cache).any(-1).any(-1)
+    assert torch.equal(k_out[~written], k_cache[~written])
 
 
 # ---------------------------------------------------------------------------------------------------------
