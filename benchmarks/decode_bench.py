@@ -15,7 +15,9 @@ Providers, all on the same inputs:
 * ``mirai_<face>``: ``decode_attention(..., backend=face)`` for every face that runs here (interpreted Triton is
   not timed);
 * ``copy_same_bytes``: a device-to-device copy moving the same number of bytes (read + write) as the KV the step
-  must read: the practical bandwidth ceiling, measured in the same run.
+  must read: the practical bandwidth ceiling, measured in the same run;
+* on GPU, ``<provider>[graph]``: the same step captured in a CUDA graph and replayed (what the sampler runs), so
+  the Python and launch overhead of the eager call drops out.
 
 GB/s counts the bytes a step must move: the K and V rows 0 .. L_b (read), q, k_new, v_new (read) and out (written);
 SDPA over the full static cache reads more than that, so its GB/s is an "effective" figure.
@@ -34,6 +36,23 @@ from mirai_kernels import backend as B  # noqa: E402
 from mirai_kernels.reference.rope import apply_rope_2d as rope_eager  # noqa: E402
 
 
+def capture(fn):
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream: Triton compiles there); returns a replay
+    callable, or ``(None, reason)`` when capture fails (a host sync in the step, for example)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # reported as skipped, never silently replaced
+        return None, f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300]
+    return graph.replay
+
+
 def main(argv=None):
     parser = add_common_args(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -50,6 +69,7 @@ def main(argv=None):
     parser.add_argument("--rope", action="store_true", help="rotate q and k_new with a 2D RoPE table")
     parser.add_argument("--num-splits", type=int, default=0, help="0 = each face's heuristic")
     parser.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: fp32 CPU, fp16 GPU)")
+    parser.add_argument("--no-graph", action="store_true", help="GPU: do not add the CUDA-graph-replayed providers")
     args = parser.parse_args(argv)
     device = setup_from_args(args)
     on_gpu = device.type == "cuda"
@@ -126,6 +146,10 @@ def main(argv=None):
         src = torch.empty(int(case.bytes) // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         providers["copy_same_bytes"] = lambda: dst.copy_(src)
+        if on_gpu and not args.no_graph:
+            # What a sampler runs: the step captured once and replayed, without Python or launch overhead.
+            for name in [n for n, fn in providers.items() if callable(fn) and n != "copy_same_bytes"]:
+                providers[f"{name}[graph]"] = capture(providers[name])
         return providers
 
     with torch.inference_mode():
