@@ -78,13 +78,14 @@ class ForesightObjective(Objective):
             align_prefix=align_prefix, head_weights=head_weights, hidden=head_width,
         )
 
-    def targets(self, model, student_out, idx, labels) -> torch.Tensor:
+    def targets(self, model, student_out, idx, labels, tokens) -> torch.Tensor:
+        """Sequence-indexed ``(B, prefix + N - 1, Z)`` targets (no grad)."""
         raise NotImplementedError
 
     def loss(self, model, idx, labels, targets, step: int):
         out = model(idx, labels, targets, **self.student_kwargs())
         with torch.no_grad():
-            feature_targets = self.targets(model, out, idx, labels)
+            feature_targets = self.targets(model, out, idx, labels, targets)
         total, per_head = self.heads(out["hidden"], feature_targets)
         scale = foresight_scale(step, self.warmup_steps, self.halve_at)
         loss = out["loss"] + scale * total
@@ -112,7 +113,7 @@ class MiraiE(ForesightObjective):
                          head_weights=[head_weight] * len(offsets), warmup_steps=warmup_steps, halve_at=halve_at,
                          z_dim=model.config.dim, boundary=boundary)
 
-    def targets(self, model, student_out, idx, labels):
+    def targets(self, model, student_out, idx, labels, tokens):
         return self.ema.model(idx, labels, stop_at=self.layer, hidden_layer=self.layer)["hidden"].float()
 
 
@@ -139,7 +140,7 @@ class MiraiS(ForesightObjective):
             kwargs["dual_layer"] = self.layer
         return kwargs
 
-    def targets(self, model, student_out, idx, labels):
+    def targets(self, model, student_out, idx, labels, tokens):
         if self.source == "self":
             return student_out["bidir_hidden"].detach().float()
         out = self.ema.model(idx, labels, stop_at=self.layer, dual_layer=self.layer)
@@ -149,9 +150,37 @@ class MiraiS(ForesightObjective):
         return {"cos_causal_bidir": cosine_causal_bidirectional(student_out["hidden"], feature_targets)}
 
 
+class MiraiI(ForesightObjective):
+    """Implicit foresight from a frozen bidirectional encoder: its feature of grid cell ``j`` (it has seen the whole
+    image) is the target of the student state that consumed ``z_j``; one head at offset 0, the class position not
+    aligned, no warm-up (the paper's Mirai-I)."""
+
+    name = "mirai-i"
+
+    def __init__(self, model, *, encoder: nn.Module, layer, head_width, halve_at, head_weight: float = 2.0,
+                 warmup_steps: int = 0):
+        probe = torch.zeros(1, model.config.block_size, dtype=torch.long)
+        with torch.no_grad():
+            z_dim = encoder(probe).shape[-1]
+        super().__init__(model, ema=None, offsets=[0], layer=layer, head_width=head_width,
+                         head_weights=[head_weight], warmup_steps=warmup_steps, halve_at=halve_at, z_dim=z_dim,
+                         align_prefix=False)
+        self.encoder = encoder.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: never dropout / batch-stat updates
+        return self
+
+    def targets(self, model, student_out, idx, labels, tokens):
+        features = self.encoder(tokens).float()  # (B, H*W, Z), patch-indexed
+        return mk.grid_to_sequence(features, prefix=self.config.cls_token_num)
+
+
 def build_objective(name: str, model, *, ema: Optional[EMA], layer: Optional[int] = None,
                     head_width: Optional[int] = None, warmup_steps: int = 0, halve_at: Optional[int] = None,
-                    mirai_s_source: str = "teacher", boundary: str = "raster") -> Objective:
+                    mirai_s_source: str = "teacher", boundary: str = "raster",
+                    encoder: Optional[nn.Module] = None) -> Objective:
     """Build an objective by name. ``layer`` defaults to round(2/3 of the depth) (8 of 12 for GPT-B);
     ``head_width`` to 4 x dim (the paper's 2048 is for GPT-B and up)."""
     config = model.config
@@ -159,6 +188,10 @@ def build_objective(name: str, model, *, ema: Optional[EMA], layer: Optional[int
     head_width = head_width or 4 * config.dim
     if name == "none":
         return Objective(model)
+    if name == "mirai-i":
+        if encoder is None:
+            raise ValueError("mirai-i needs a frozen encoder (see models.encoder)")
+        return MiraiI(model, encoder=encoder, layer=layer, head_width=head_width, halve_at=halve_at)
     if ema is None:
         raise ValueError(f"{name} needs an EMA teacher")
     common = dict(ema=ema, layer=layer, head_width=head_width, warmup_steps=warmup_steps, halve_at=halve_at)
@@ -166,8 +199,6 @@ def build_objective(name: str, model, *, ema: Optional[EMA], layer: Optional[int
         return MiraiE(model, boundary=boundary, **common)
     if name == "mirai-s":
         return MiraiS(model, source=mirai_s_source, **common)
-    if name == "mirai-i":
-        raise NotImplementedError("mirai-i needs an encoder; not available in this build yet")
     raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
 
 

@@ -26,6 +26,7 @@ import time
 import torch
 
 from .data import build_dataset
+from .encoder import builtin_encoder, load_encoder
 from .foresight import EMA, OBJECTIVES, build_objective
 from .gpt import GPT, GPTConfig, PRESETS, config_from_preset
 
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--halve-at", default="0.27", help="halve the foresight weight from here (steps or fraction)")
     p.add_argument("--mirai-s-source", default="teacher", choices=("teacher", "self"))
     p.add_argument("--boundary", default="raster", choices=("raster", "grid"))
+    p.add_argument("--encoder", default=None, help="mirai-i: a local encoder file (default: the built-in one, "
+                   "trained on first use and cached under runs/encoders/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/train")
     p.add_argument("--ckpt-every", type=int, default=0, help="write last.pt every N steps (0: only at the end)")
@@ -132,9 +135,17 @@ def train(args) -> dict:
     ema = EMA(model, ema_decay)
     warmup = steps_or_fraction(args.warmup, args.steps)
     halve_at = steps_or_fraction(args.halve_at, args.steps)
+    encoder = None
+    if args.objective == "mirai-i":
+        if args.encoder:
+            encoder = load_encoder(args.encoder)
+        else:
+            cache = os.path.join("runs", "encoders", f"{args.data}-{args.grid}-{args.data_size}-seed{args.seed}.pt")
+            encoder = builtin_encoder(dataset, cache, seed=args.seed)
     objective = build_objective(
         args.objective, model, ema=ema, layer=args.foresight_layer, head_width=args.head_width,
         warmup_steps=warmup, halve_at=halve_at, mirai_s_source=args.mirai_s_source, boundary=args.boundary,
+        encoder=encoder,
     ).to(device)
     optimizer = torch.optim.AdamW(param_groups([model, objective], args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     forward_model = torch.compile(model) if args.compile else model
