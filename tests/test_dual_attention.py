@@ -21,14 +21,14 @@ FAST = [f for f in FACES if f != "reference"]
 OUTPUTS = ("both", "causal", "bidirectional")
 
 
-def fused_qkv(batch, seqlen, nheads, nheads_k, head_dim, dtype, strided=True):
+def fused_qkv(batch, seqlen, nheads, nheads_k, head_dim, dtype, strided=True, device="cpu"):
     """q, k, v as strided views of one fused projection (LlamaGen's wqkv layout), or separate tensors."""
     if strided:
-        qkv = torch.randn(batch, seqlen, nheads + 2 * nheads_k, head_dim, dtype=dtype)
+        qkv = torch.randn(batch, seqlen, nheads + 2 * nheads_k, head_dim, dtype=dtype, device=device)
         return qkv[:, :, :nheads], qkv[:, :, nheads:nheads + nheads_k], qkv[:, :, nheads + nheads_k:]
-    return (torch.randn(batch, seqlen, nheads, head_dim, dtype=dtype),
-            torch.randn(batch, seqlen, nheads_k, head_dim, dtype=dtype),
-            torch.randn(batch, seqlen, nheads_k, head_dim, dtype=dtype))
+    return (torch.randn(batch, seqlen, nheads, head_dim, dtype=dtype, device=device),
+            torch.randn(batch, seqlen, nheads_k, head_dim, dtype=dtype, device=device),
+            torch.randn(batch, seqlen, nheads_k, head_dim, dtype=dtype, device=device))
 
 
 def eager_same_precision(q, k, v, outputs):
@@ -39,7 +39,7 @@ def eager_same_precision(q, k, v, outputs):
     scores = (qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     out_c = out_b = None
     if outputs != "bidirectional":
-        future = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).triu(1)
+        future = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool, device=q.device).triu(1)
         out_c = (scores.masked_fill(future, float("-inf")).softmax(-1) @ vh).transpose(1, 2)
     if outputs != "causal":
         out_b = (scores.softmax(-1) @ vh).transpose(1, 2)
@@ -78,7 +78,7 @@ def check_against_fp64(face, q, k, v, outputs, *, bidirectional_grad=True):
         assert not out_b.requires_grad
     if out_c is None and not grad_b_flows:
         return
-    up_c, up_b = torch.randn(q.shape, dtype=torch.float64), torch.randn(q.shape, dtype=torch.float64)
+    up_c, up_b = (torch.randn(q.shape, dtype=torch.float64, device=q.device) for _ in range(2))
     g = grads_of((out_c, out_b), (up_c, up_b), leaves)
     g64 = grads_of((r_c, r_b if grad_b_flows else None), (up_c, up_b), leaves64)
     gpt = grads_of((p_c, p_b if grad_b_flows else None), (up_c, up_b), leaves_pt)
@@ -117,6 +117,42 @@ def test_triton_matches_fp64(shape, dtype, outputs):
     if "triton" not in FACES:
         pytest.skip("Triton unavailable")
     check_against_fp64("triton", *fused_qkv(*shape, dtype, strided=shape[1] % 2 == 1), outputs)
+
+
+GPU_SHAPES = [
+    (2, 256, 12, 12, 64),
+    (2, 576, 16, 16, 64),
+    (1, 577, 4, 4, 64),
+    (1, 257, 4, 4, 128),
+    (3, 17, 5, 5, 64),
+    (2, 1, 2, 2, 64),
+    (2, 130, 6, 2, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("outputs", OUTPUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}-S{}-H{}-Hk{}-D{}".format(*s))
+def test_triton_gpu_matches_fp64(shape, dtype, outputs):
+    if dtype == torch.float32 and shape[1] > 300:
+        pytest.skip("fp32 runs one small config on GPU: a few shapes suffice")
+    check_against_fp64("triton", *fused_qkv(*shape, dtype, strided=shape[1] % 2 == 1, device="cuda"), outputs)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_stop_gradient_and_compile():
+    q, k, v = (t.detach().requires_grad_() for t in fused_qkv(2, 100, 4, 4, 64, torch.bfloat16, device="cuda"))
+    check_against_fp64("triton", q, k, v, "both", bidirectional_grad=False)
+
+    def loss(a, b, c):
+        out_c, out_b = mk.dual_attention(a, b, c, backend="triton")
+        return out_c.float().square().sum() + out_b.float().sum()
+
+    g = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v), (q, k, v))
+    g_eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("seqlen", [257, 577])

@@ -298,6 +298,10 @@ def _bwd_dq_kernel(
 _FWD_CONFIGS = {64: [(128, 64, 8, 3), (64, 64, 4, 3)], 128: [(64, 64, 4, 3), (64, 32, 4, 3)]}
 # GPU (bwd): (BLOCK, num_warps, num_stages), fixed per head dim.
 _BWD_CONFIG = {64: (64, 4, 2), 128: (64, 8, 2)}
+# fp32 on a GPU (exact "ieee" products, not a training dtype): one small config, which keeps shared memory under
+# the H100's limit at head dim 128 and the compile short.
+_FP32_FWD_CONFIG = (32, 32, 4, 2)
+_FP32_BWD_CONFIG = (32, 4, 2)
 _INTERP_BLOCK = 32  # the interpreter runs programs serially: few, mid-sized blocks are fastest there
 
 
@@ -360,9 +364,11 @@ def dual_attention_fwd(q, k, v, softmax_scale: float, causal: bool, bidirectiona
     )
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal, BIDIR=bidirectional,
                 PREC=_prec(q.dtype))
-    if triton_interpreted():
-        grid = (triton.cdiv(seqlen, _INTERP_BLOCK), batch * nheads)
-        _fwd_kernel[grid](*args, **meta, BLOCK_M=_INTERP_BLOCK, BLOCK_N=_INTERP_BLOCK, num_warps=4)
+    if triton_interpreted() or q.dtype == torch.float32:
+        block_m, block_n, warps, stages = ((_INTERP_BLOCK, _INTERP_BLOCK, 4, 1) if triton_interpreted()
+                                           else _FP32_FWD_CONFIG)
+        grid = (triton.cdiv(seqlen, block_m), batch * nheads)
+        _fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     else:
         grid = lambda meta_: (triton.cdiv(seqlen, meta_["BLOCK_M"]), batch * nheads)  # noqa: E731
         _fwd_launcher()[grid](*args, **meta)
@@ -414,6 +420,8 @@ def dual_attention_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, soft
                    v.stride(0), v.stride(1), v.stride(2), do_c.stride(0), do_c.stride(1), do_c.stride(2))
     if triton_interpreted():
         block, warps, stages = _INTERP_BLOCK, 4, 1
+    elif q.dtype == torch.float32:
+        block, warps, stages = _FP32_BWD_CONFIG
     else:
         block, warps, stages = _BWD_CONFIG[_head_dim_key(head_dim)]
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK=block, HAS_U=has_b,
@@ -438,13 +446,13 @@ def aot_specs() -> list[dict]:
     (``python -m mirai_kernels.triton.aot_check``); format of :func:`mirai_kernels.triton.rope.aot_specs`.
     Covered: fp16/bf16 at head dim 64 and 128, every autotuned forward config for both-outputs and causal-only
     (bidirectional-only runs the both-outputs kernel), and the backward kernels with and without the future
-    tiles; fp32 with the first config only."""
+    tiles; fp32 with its single config."""
     specs = []
     strides3 = lambda prefix: {f"stride_{prefix}{x}": "i32" for x in "bsh"}  # noqa: E731
     for dtype in ("fp16", "bf16", "fp32"):
         prec = "ieee" if dtype == "fp32" else "tf32"
         for head_dim in (64, 128):
-            fwd_configs = _FWD_CONFIGS[head_dim][: 1 if dtype == "fp32" else None]
+            fwd_configs = [_FP32_FWD_CONFIG] if dtype == "fp32" else _FWD_CONFIGS[head_dim]
             for block_m, block_n, warps, stages in fwd_configs:
                 for causal, bidir in ((True, True), (True, False)):
                     sig = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "oc_ptr", "ob_ptr")}
@@ -460,7 +468,7 @@ def aot_specs() -> list[dict]:
                                        "BLOCK_N": block_n, "CAUSAL": causal, "BIDIR": bidir, "PREC": prec},
                         "num_warps": warps, "num_stages": stages,
                     })
-            block, warps, stages = _BWD_CONFIG[head_dim]
+            block, warps, stages = _FP32_BWD_CONFIG if dtype == "fp32" else _BWD_CONFIG[head_dim]
             for has_u in (True, False):
                 common = {name: f"*{dtype}" for name in ("q_ptr", "k_ptr", "v_ptr", "doc_ptr", "dou_ptr")}
                 common.update({name: "*fp32" for name in ("lsec_ptr", "lseu_ptr", "dc_ptr", "du_ptr")})
