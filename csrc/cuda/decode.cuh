@@ -46,20 +46,24 @@ struct DecodeParams {
 };
 
 template <typename T>
-__device__ __forceinline__ void load8(const T* ptr, float (&out)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
+__device__ __forceinline__ uint4 load_raw(const T* ptr) {
+  return *reinterpret_cast<const uint4*>(ptr);
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[8]) {
   const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int u = 0; u < 8; ++u) out[u] = static_cast<float>(e[u]);
 }
 
 template <typename T>
-__device__ __forceinline__ void store8(T* ptr, const float (&in)[8]) {
+__device__ __forceinline__ uint4 pack8(const float (&in)[8]) {
   uint4 raw;
   T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
   for (int u = 0; u < 8; ++u) e[u] = static_cast<T>(in[u]);
-  *reinterpret_cast<uint4*>(ptr) = raw;
+  return raw;
 }
 
 // LlamaGen rounds rotated q and k to the activation dtype; the reference does too.
@@ -73,6 +77,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   constexpr int TPK = D / 8;           // threads per key row, 8 elements (16 bytes) each
   constexpr int KPP = kThreads / TPK;  // key rows per pass of the block
   static_assert(TPK <= 32 && 32 % TPK == 0, "a key row must sit within one warp");
+  constexpr int NP = kKeyChunk / KPP;  // key rows per thread per chunk
   static_assert(kKeyChunk % KPP == 0 && kKeyChunk == 64, "softmax step assumes two keys per lane");
 
   __shared__ float s_s[MQ][kKeyChunk];  // scores, then probabilities, of the current key chunk
@@ -142,36 +147,48 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   for (int c0 = key_begin; c0 < key_end; c0 += kKeyChunk) {
     const int nk = min(kKeyChunk, key_end - c0);
 
-    // 1. Scores of the chunk (appending and rotating new rows on the way).
+    // 1. Issue every K and V load of the chunk first (2 * NP 16-byte loads in flight per thread: the loop is
+    //    latency-bound otherwise). New rows come from k_new/v_new: k rotated, both written to the cache here, and
+    //    used from registers (this block is the only reader of those rows).
+    uint4 kraw[NP], vraw[NP];
 #pragma unroll
-    for (int j0 = 0; j0 < kKeyChunk; j0 += KPP) {
-      const int jj = j0 + kl, key = c0 + jj;
-      const bool in_chunk = jj < nk;
-      float kv[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) kv[u] = 0.f;
-      if (in_chunk) {
-        if (key >= new_begin) {
-          const int n = key - new_begin;
-          load8(k_new + kn_base + n * p.kn_ss + dc * 8, kv);
+    for (int n = 0; n < NP; ++n) {
+      const int jj = n * KPP + kl, key = c0 + jj;
+      kraw[n] = uint4{0u, 0u, 0u, 0u};
+      vraw[n] = uint4{0u, 0u, 0u, 0u};
+      if (jj < nk) {
+        if (key < new_begin) {
+          kraw[n] = load_raw(k_cache + k_base + static_cast<int64_t>(key) * p.k_ss + dc * 8);
+          vraw[n] = load_raw(v_cache + v_base + static_cast<int64_t>(key) * p.v_ss + dc * 8);
+        } else {
+          const int i = key - new_begin;
+          kraw[n] = load_raw(k_new + kn_base + i * p.kn_ss + dc * 8);
+          vraw[n] = load_raw(v_new + vn_base + i * p.vn_ss + dc * 8);
           if (p.table != nullptr) {
+            float kv[8];
+            unpack8<T>(kraw[n], kv);
             const int pos = min(key, p.table_rows - 1);
             const float* rot = p.table + static_cast<int64_t>(pos) * D + dc * 8;
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
               const float c = rot[2 * u], s = rot[2 * u + 1], x0 = kv[2 * u], x1 = kv[2 * u + 1];
-              kv[2 * u] = round_to<T>(x0 * c - x1 * s);
-              kv[2 * u + 1] = round_to<T>(x1 * c + x0 * s);
+              kv[2 * u] = x0 * c - x1 * s;
+              kv[2 * u + 1] = x1 * c + x0 * s;
             }
+            kraw[n] = pack8<T>(kv);  // rounded to T, as the reference
           }
-          store8(k_cache + k_base + static_cast<int64_t>(key) * p.k_ss + dc * 8, kv);
-          float vv[8];
-          load8(v_new + vn_base + n * p.vn_ss + dc * 8, vv);
-          store8(v_cache + v_base + static_cast<int64_t>(key) * p.v_ss + dc * 8, vv);
-        } else {
-          load8(k_cache + k_base + static_cast<int64_t>(key) * p.k_ss + dc * 8, kv);
+          *reinterpret_cast<uint4*>(k_cache + k_base + static_cast<int64_t>(key) * p.k_ss + dc * 8) = kraw[n];
+          *reinterpret_cast<uint4*>(v_cache + v_base + static_cast<int64_t>(key) * p.v_ss + dc * 8) = vraw[n];
         }
       }
+    }
+
+    // Scores: each key row's TPK threads reduce their partial dots with shuffles.
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      const int jj = n * KPP + kl, key = c0 + jj;
+      float kv[8];
+      unpack8<T>(kraw[n], kv);
 #pragma unroll
       for (int r = 0; r < MQ; ++r) {
         float part = 0.f;
@@ -179,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
         for (int u = 0; u < 8; ++u) part += qr[r][u] * kv[u];
 #pragma unroll
         for (int off = TPK / 2; off > 0; off >>= 1) part += __shfl_xor_sync(kFullMask, part, off);
-        if (dc == 0) s_s[r][jj] = (in_chunk && key <= limit[r]) ? part * p.scale_log2 : -INFINITY;
+        if (dc == 0) s_s[r][jj] = (jj < nk && key <= limit[r]) ? part * p.scale_log2 : -INFINITY;
       }
     }
     __syncthreads();
@@ -211,21 +228,19 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     }
     __syncthreads();
 
-    // 3. acc = alpha * acc + P V. New rows come from v_new (the cache copy was written by another thread, and
-    //    read-only loads may not see it).
+    // 3. acc = alpha * acc + P V, from the V rows already in registers.
 #pragma unroll
     for (int r = 0; r < MQ; ++r) {
       const float a = alpha_s[r];
 #pragma unroll
       for (int u = 0; u < 8; ++u) acc[r][u] *= a;
     }
-    for (int jj = kl; jj < nk; jj += KPP) {
-      const int key = c0 + jj;
+#pragma unroll
+    for (int n = 0; n < NP; ++n) {
+      const int jj = n * KPP + kl;
+      if (jj >= nk) continue;
       float vv[8];
-      if (key >= new_begin)
-        load8(v_new + vn_base + (key - new_begin) * p.vn_ss + dc * 8, vv);
-      else
-        load8(v_cache + v_base + static_cast<int64_t>(key) * p.v_ss + dc * 8, vv);
+      unpack8<T>(vraw[n], vv);
 #pragma unroll
       for (int r = 0; r < MQ; ++r) {
         const float pr = s_s[r][jj];
