@@ -109,7 +109,7 @@ void cos_fwd_kernel(const at::Tensor& proj, const at::Tensor& targets, const at:
 
 template <typename scalar_t>
 void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at::Tensor& targets,
-                    const at::Tensor& tpos, at::Tensor& grad) {
+                    const at::Tensor& tpos, at::Tensor& grad, at::opmath_type<scalar_t>* cos_out = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = proj.size(0), N = proj.size(1), K = proj.size(2), Z = proj.size(3);
   const int64_t spb = proj.stride(0), spn = proj.stride(1), spk = proj.stride(2);
@@ -128,8 +128,9 @@ void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at
         scalar_t* o = out + (r * K + k) * Z;
         const int32_t q = tp[n * K + k];
         const acc_t gk = q < 0 ? acc_t(0) : g[b * sgb + n * sgn + k * sgk];
-        if (gk == acc_t(0)) {
+        if (gk == acc_t(0) && (q < 0 || cos_out == nullptr)) {
           for (int64_t z = 0; z < Z; ++z) o[z] = scalar_t(0);
+          if (cos_out) cos_out[r * K + k] = 0;
           continue;
         }
         const scalar_t* s = p + b * spb + n * spn + k * spk;
@@ -144,6 +145,7 @@ void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at
         const acc_t inv_s = acc_t(1) / std::max(norm_s, acc_t(kEps));
         const acc_t it = inv_t[b * N + q];
         const acc_t c = dot * inv_s * it;
+        if (cos_out) cos_out[r * K + k] = c;
         // d cos / d s = (t_hat - cos * s_hat) / |s|; below eps the norm is the constant eps and only t_hat / eps is
         // left.
         const acc_t a = gk * it * inv_s;
@@ -165,8 +167,10 @@ at::Tensor foresight_cos_fwd_cpu(const at::Tensor& proj, const at::Tensor& targe
   return cos;
 }
 
-at::Tensor foresight_cos_bwd_cpu(const at::Tensor& grad_cos, const at::Tensor& proj, const at::Tensor& targets,
-                                 const at::Tensor& tpos) {
+// cos_out: when given, a contiguous (B, N, K) accumulation-type tensor that also receives the cosines (the fused
+// op's forward needs both, and one pass over s and t gives both).
+at::Tensor cos_bwd_impl(const at::Tensor& grad_cos, const at::Tensor& proj, const at::Tensor& targets,
+                        const at::Tensor& tpos, at::Tensor* cos_out) {
   check_cos_inputs(proj, targets, tpos);
   check_tpos_range(tpos, proj.size(1));
   const auto acc = proj.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -178,13 +182,22 @@ at::Tensor foresight_cos_bwd_cpu(const at::Tensor& grad_cos, const at::Tensor& p
   auto grad = at::empty(proj.sizes(), proj.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad.numel() == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, proj.scalar_type(), "foresight_cos_bwd_cpp",
-                                  [&] { cos_bwd_kernel<scalar_t>(g, proj, targets, tpos, grad); });
+                                  [&] {
+                                    cos_bwd_kernel<scalar_t>(
+                                        g, proj, targets, tpos, grad,
+                                        cos_out ? cos_out->mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr);
+                                  });
   return grad;
+}
+
+at::Tensor foresight_cos_bwd_cpu(const at::Tensor& grad_cos, const at::Tensor& proj, const at::Tensor& targets,
+                                 const at::Tensor& tpos) {
+  return cos_bwd_impl(grad_cos, proj, targets, tpos, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
-    const at::Tensor& tpos, bool compute_grad, bool silu_input) {
+    const at::Tensor& tpos, bool compute_grad, bool silu_input, int64_t chunk_rows) {
   TORCH_CHECK(x.dim() == 4, "fused_linear_cos: x must be (B, N, K, H), got ", x.sizes());
   const int64_t B = x.size(0), N = x.size(1), K = x.size(2), H = x.size(3);
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == K && weight.size(2) == H,
@@ -211,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
   if (compute_grad) {
     gx_heads = at::empty({K, B, N, H}, x.options());
     gx = gx_heads.permute({1, 2, 0, 3});
-    gw = at::zeros({K, Z, H}, x.options().dtype(acc));
+    gw = at::empty({K, Z, H}, x.options().dtype(acc));  // the first chunk's GEMM writes it
     gb = at::zeros({K, Z}, x.options().dtype(acc));
   } else {
     gx = at::empty({0}, x.options());
@@ -219,8 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
     gb = at::empty({0}, x.options().dtype(acc));
   }
   if (B * N * K == 0) return {per_head, gx, gw, gb};
-  // Chunks of whole sequences (a pair never leaves its sample) of about 8K rows bound the live projection.
-  const int64_t chunk = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, N));
+  // Chunks of whole sequences (a pair never leaves its sample) of about chunk_rows rows bound the live projection.
+  const int64_t chunk = std::max<int64_t>(1, chunk_rows / std::max<int64_t>(1, N));
   const auto counts = (tpos >= 0).sum(0).to(acc) * double(B);
   for (int64_t k = 0; k < K; ++k) {
     const auto tk = tpos.select(1, k).unsqueeze(1).contiguous();
@@ -233,17 +246,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
       auto p = bias.has_value() ? at::addmm(bias->select(0, k), xk, wk.t()) : at::mm(xk, wk.t());
       p = p.view({bc, N, 1, Z});
       const auto tch = targets.slice(0, b0, b1);
-      const auto c = foresight_cos_fwd_cpu(p, tch, tk);
-      per_head.select(0, k).sub_(c.sum());
-      if (compute_grad) {
-        const auto dp = foresight_cos_bwd_cpu(at::full_like(c, -1.0), p, tch, tk).view({bc * N, Z});
+      if (!compute_grad) {
+        per_head.select(0, k).sub_(foresight_cos_fwd_cpu(p, tch, tk).sum());
+      } else {
+        auto c = at::empty({bc, N, 1}, x.options().dtype(acc));
+        const auto dp = cos_bwd_impl(at::full_like(c, -1.0), p, tch, tk, &c).view({bc * N, Z});
+        per_head.select(0, k).sub_(c.sum());
         auto out = gx_heads.select(0, k).slice(0, b0, b1).view({bc * N, H});
         if (silu_input) {
           at::silu_backward_out(out, at::mm(dp, wk), xin);
         } else {
           at::mm_out(out, dp, wk);
         }
-        gw.select(0, k).add_(at::mm(dp.t(), xk).to(acc));
+        auto gwk = gw.select(0, k);
+        if (x.scalar_type() == acc) {
+          if (b0 == 0) {
+            at::mm_out(gwk, dp.t(), xk);
+          } else {
+            gwk.addmm_(dp.t(), xk);
+          }
+        } else if (b0 == 0) {
+          gwk.copy_(at::mm(dp.t(), xk));
+        } else {
+          gwk.add_(at::mm(dp.t(), xk).to(acc));
+        }
         gb.select(0, k).add_(dp.sum(0, /*keepdim=*/false, acc));
       }
     }
@@ -259,7 +285,7 @@ TORCH_LIBRARY_FRAGMENT(mirai, m) {
   m.def("foresight_cos_bwd_cpp(Tensor grad_cos, Tensor proj, Tensor targets, Tensor tpos) -> Tensor");
   m.def(
       "fused_linear_cos_cpp(Tensor x, Tensor weight, Tensor? bias, Tensor targets, Tensor tpos, bool compute_grad, "
-      "bool silu_input) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool silu_input, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mirai, CPU, m) {

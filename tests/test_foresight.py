@@ -271,6 +271,22 @@ def test_fused_linear_matches_fp64(face, dtype, case):
 
 
 @pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_linear_chunks_accumulate(face, dtype, monkeypatch):
+    """Several chunks per head (rows = 3 * 15, chunks of 2 sequences): gradients accumulate across chunks."""
+    monkeypatch.setattr(fops, "CHUNK_ROWS", 30)
+    case = (3, (4, 4), 1, [0, 1, (1, 1)], "grid", True, 24, 16, True, "silu")
+    x, weight, bias, targets, offsets, kw = _fused_inputs(case, dtype)
+    xr, wr, br = _leaves(x.double(), weight.double(), bias.double())
+    ref.fused_linear_cosine_loss(xr, wr, br, targets.double(), offsets, **kw)[0].mul(45).backward()
+    xf, wf, bf = _leaves(x, weight, bias)
+    mk.fused_linear_cosine_loss(xf, wf, bf, targets, offsets, backend=face, **kw)[0].mul(45).backward()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    for got, want in ((xf, xr), (wf, wr), (bf, br)):
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+
+
+@pytest.mark.parametrize("face", FACES)
 def test_fused_linear_without_grad_and_partial_grads(face):
     x, weight, bias, targets, offsets, kw = _fused_inputs(FUSED_CASES[1], torch.float32)
     _, expected = ref.fused_linear_cosine_loss(x, weight, bias, targets, offsets, **kw)
@@ -303,9 +319,9 @@ def test_opcheck(face):
     weight = torch.randn(3, 8, 16, requires_grad=True)
     bias = torch.randn(3, 8, requires_grad=True)
     tgt8 = torch.randn(2, 15, 8)
-    opcheck(ops["fused"], (x, weight, bias, tgt8, tpos, True, False))
-    opcheck(ops["fused"], (x, weight, None, tgt8, tpos, True, True))
-    opcheck(ops["fused"], (x.detach(), weight.detach(), bias.detach(), tgt8, tpos, False, False))
+    opcheck(ops["fused"], (x, weight, bias, tgt8, tpos, True, False, 8192))
+    opcheck(ops["fused"], (x, weight, None, tgt8, tpos, True, True, 20))
+    opcheck(ops["fused"], (x.detach(), weight.detach(), bias.detach(), tgt8, tpos, False, False, 8192))
 
 
 @pytest.mark.parametrize("face", FACES)

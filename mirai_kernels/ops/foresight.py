@@ -10,7 +10,7 @@ Faces (pattern of :mod:`mirai_kernels.ops.rope`):
   per-head means are a ``(B, N, K) -> (K,)`` sum in PyTorch. The forward op is differentiable (autograd formula =
   the bwd op), with no gradient to the targets.
 * ``fused_linear_cosine_loss``: ``fused_linear_cos_<face>(x, weight, bias, targets, tpos, compute_grad,
-  silu_input) -> (per_head, grad_x, grad_weight, grad_bias)``. The heads' last ``Linear(hidden -> Z)`` runs per foresight head in
+  silu_input, chunk_rows) -> (per_head, grad_x, grad_weight, grad_bias)``. The heads' last ``Linear(hidden -> Z)`` runs per foresight head in
   chunks of whole sequences (cuBLAS / MKL GEMMs), followed by the cosine kernels on each chunk's projection, which is
   then dropped. **Gradients are computed in the forward pass** (the fused-linear-loss pattern) and scaled per head
   by the upstream gradient in backward: exact for any upstream ``(K,)`` gradient, since each head's projection only
@@ -68,16 +68,20 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_batches(batch: int, seqlen: int) -> list[tuple[int, int]]:
-    # Whole sequences (a pair never leaves its sample), ~8K rows per chunk: bounds the live projection.
-    step = max(1, 8192 // max(1, seqlen))
+# Rows (batch * positions) per chunk of the fused op: bounds its live (rows, Z) projection and gradient. Whole
+# sequences only (a pair never leaves its sample). GPT-B: 8192 = all 32 x 256 rows of a head in one GEMM.
+CHUNK_ROWS = 8192
+
+
+def _chunk_batches(batch: int, seqlen: int, chunk_rows: int = CHUNK_ROWS) -> list[tuple[int, int]]:
+    step = max(1, chunk_rows // max(1, seqlen))
     return [(b0, min(batch, b0 + step)) for b0 in range(0, batch, step)]
 
 
 @torch.library.custom_op("mirai::fused_linear_cos_triton", mutates_args=(), device_types=("cuda", "cpu"))
 def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             targets: torch.Tensor, tpos: torch.Tensor, compute_grad: bool,
-                             silu_input: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                             targets: torch.Tensor, tpos: torch.Tensor, compute_grad: bool, silu_input: bool,
+                             chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # Same algorithm as fused_linear_cos_cpu in csrc/foresight.cpp: GEMMs by the vendor library, cosines by Triton.
     from ..triton import foresight as kernels
 
@@ -89,7 +93,7 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
         # (K, B, N, H) buffer: each head's chunk is contiguous, so the GEMMs write into it directly.
         gx_heads = torch.empty((n_heads, batch, seqlen, hidden), dtype=x.dtype, device=x.device)
         gx = gx_heads.permute(1, 2, 0, 3)
-        gw = torch.zeros((n_heads, z_dim, hidden), dtype=acc, device=x.device)
+        gw = torch.empty((n_heads, z_dim, hidden), dtype=acc, device=x.device)  # the first chunk's GEMM writes it
         gb = torch.zeros((n_heads, z_dim), dtype=acc, device=x.device)
     else:
         gx = x.new_empty(0)
@@ -101,23 +105,34 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     for k in range(n_heads):
         tk = tpos[:, k:k + 1].contiguous()
         wk = weight[k]
-        for b0, b1 in _chunk_batches(batch, seqlen):
+        for b0, b1 in _chunk_batches(batch, seqlen, chunk_rows):
             bc = b1 - b0
             xin = x[b0:b1, :, k].reshape(bc * seqlen, hidden)
             xk = torch.nn.functional.silu(xin) if silu_input else xin
             p = torch.addmm(bias[k], xk, wk.t()) if bias is not None else xk @ wk.t()
             p = p.view(bc, seqlen, 1, z_dim)
             tch = targets[b0:b1]
-            c = kernels.foresight_cos_fwd(p, tch, tk)
-            per_head[k] -= c.sum()
-            if compute_grad:
-                dp = kernels.foresight_cos_bwd(torch.full_like(c, -1.0), p, tch, tk).view(bc * seqlen, z_dim)
+            if not compute_grad:
+                per_head[k] -= kernels.foresight_cos_fwd(p, tch, tk).sum()
+            else:
+                c = torch.empty((bc, seqlen, 1), dtype=torch.float32, device=x.device)
+                dp = kernels.foresight_cos_bwd(torch.full_like(c, -1.0), p, tch, tk, cos_out=c)
+                dp = dp.view(bc * seqlen, z_dim)
+                per_head[k] -= c.sum()
                 out = gx_heads[k, b0:b1].view(bc * seqlen, hidden)
                 if silu_input:
                     torch.ops.aten.silu_backward.grad_input(dp @ wk, xin, grad_input=out)
                 else:
                     torch.mm(dp, wk, out=out)
-                gw[k] += (dp.t() @ xk).to(acc)
+                if x.dtype == acc:
+                    if b0 == 0:
+                        torch.mm(dp.t(), xk, out=gw[k])
+                    else:
+                        gw[k].addmm_(dp.t(), xk)
+                elif b0 == 0:
+                    gw[k].copy_(dp.t() @ xk)
+                else:
+                    gw[k] += (dp.t() @ xk).to(acc)
                 gb[k] += dp.sum(0, dtype=acc)
     per_head /= counts.clamp(min=1)
     return per_head, gx, gw, gb
@@ -131,7 +146,7 @@ def _fake_cos_bwd(grad_cos, proj, targets, tpos):
     return proj.new_empty(proj.shape)
 
 
-def _fake_fused(x, weight, bias, targets, tpos, compute_grad, silu_input):
+def _fake_fused(x, weight, bias, targets, tpos, compute_grad, silu_input, chunk_rows):
     acc = _acc_dtype(x.dtype)
     n_heads = x.shape[2]
     per_head = x.new_empty((n_heads,), dtype=acc)
@@ -163,9 +178,10 @@ def _register_fused(face: str) -> None:
     qualname = f"mirai::fused_linear_cos_{face}"
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, targets, tpos, compute_grad, _silu_input = inputs
+        x, weight, bias, targets, tpos, compute_grad, _silu_input, _chunk_rows = inputs
         _, gx, gw, gb = output
         ctx.mark_non_differentiable(gx, gw, gb)
+        ctx.set_materialize_grads(False)  # no zero-filled x- and weight-sized grads for the unused outputs
         ctx.compute_grad = compute_grad
         ctx.has_bias = bias is not None
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -178,6 +194,8 @@ def _register_fused(face: str) -> None:
                 "fused_linear_cos: backward through a call made with compute_grad=False (the gradients are "
                 "computed in the forward pass; call it with grad enabled and inputs that require grad)"
             )
+        if grad_per_head is None:
+            return (None,) * 8
         gx, gw, gb, tpos = ctx.saved_tensors
         n_heads = gw.shape[0]
         counts = ((tpos >= 0).sum(0).to(gw.dtype) * ctx.batch).clamp(min=1)
@@ -188,7 +206,7 @@ def _register_fused(face: str) -> None:
         grad_x = gx * scale.view(1, 1, n_heads, 1).to(x_dtype) if ctx.needs_input_grad[0] else None
         grad_w = (gw * scale.view(n_heads, 1, 1)).to(w_dtype) if ctx.needs_input_grad[1] else None
         grad_b = (gb * scale.view(n_heads, 1)).to(b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
     torch.library.register_fake(qualname)(_fake_fused)
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
@@ -422,5 +440,5 @@ def fused_linear_cosine_loss(x: torch.Tensor, weight: torch.Tensor, bias: Option
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
         op = getattr(torch.ops.mirai, f"fused_linear_cos_{face}")
-        per_head = op(x, weight, bias, targets.detach(), tpos, needs_grad, silu)[0]
+        per_head = op(x, weight, bias, targets.detach(), tpos, needs_grad, silu, CHUNK_ROWS)[0]
     return _weights_total(per_head, head_weights), per_head

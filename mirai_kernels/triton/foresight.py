@@ -69,6 +69,7 @@ def _foresight_cos_bwd_kernel(
     tgt_ptr,
     tpos_ptr,
     grad_ptr,
+    cos_ptr,
     n_rows,
     seqlen,
     n_heads,
@@ -79,6 +80,7 @@ def _foresight_cos_bwd_kernel(
     stride_tb,
     stride_tn,
     EPS_: tl.constexpr,
+    WRITE_COS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_Z: tl.constexpr,
 ):
@@ -107,6 +109,8 @@ def _foresight_cos_bwd_kernel(
     inv_s = 1.0 / tl.maximum(norm_s, EPS_)
     inv_t = 1.0 / tl.maximum(tl.sqrt(tt), EPS_)
     cos = dot * inv_s * inv_t
+    if WRITE_COS:  # the fused op's forward needs the cosines too: one pass over s and t gives both
+        tl.store(cos_ptr + rows.to(tl.int64) * n_heads + k, tl.where(valid, cos, 0.0), mask=row_ok)
     a = g * inv_t * inv_s
     # Below eps the norm is the constant eps, so only the t_hat / eps term is left.
     c = tl.where(norm_s >= EPS_, g * cos * inv_s * inv_s, 0.0)
@@ -168,9 +172,10 @@ def foresight_cos_fwd(proj: torch.Tensor, targets: torch.Tensor, tpos: torch.Ten
 
 
 def foresight_cos_bwd(grad_cos: torch.Tensor, proj: torch.Tensor, targets: torch.Tensor,
-                      tpos: torch.Tensor) -> torch.Tensor:
+                      tpos: torch.Tensor, cos_out: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of ``sum(grad_cos * foresight_cos_fwd(proj, targets, tpos))`` w.r.t. ``proj``: a contiguous
-    (B, N, K, Z) tensor of ``proj``'s dtype."""
+    (B, N, K, Z) tensor of ``proj``'s dtype. ``cos_out`` (contiguous fp32 (B, N, K)), when given, also receives
+    the cosines."""
     grad = torch.empty(proj.shape, dtype=proj.dtype, device=proj.device)
     if grad.numel() == 0:
         return grad
@@ -179,8 +184,9 @@ def foresight_cos_bwd(grad_cos: torch.Tensor, proj: torch.Tensor, targets: torch
     block_r, block_z = _blocks(dim)
     grid = (triton.cdiv(batch * seqlen, block_r), n_heads)
     _foresight_cos_bwd_kernel[grid](
-        grad_cos, proj, targets, tpos, grad, *_launch_args(proj, targets), EPS_=EPS, BLOCK_R=block_r,
-        BLOCK_Z=block_z, num_warps=4,
+        grad_cos, proj, targets, tpos, grad, cos_out if cos_out is not None else grad_cos,
+        *_launch_args(proj, targets), EPS_=EPS, WRITE_COS=cos_out is not None, BLOCK_R=block_r, BLOCK_Z=block_z,
+        num_warps=4,
     )
     return grad
 
@@ -196,6 +202,7 @@ def aot_specs() -> list[dict]:
         for dim in (768, 1024, 1280):
             block_r, block_z = _gpu_blocks(dim)
             constexprs = {"EPS_": EPS, "BLOCK_R": block_r, "BLOCK_Z": block_z}
+            bwd_constexprs = {"EPS_": EPS, "WRITE_COS": False, "BLOCK_R": block_r, "BLOCK_Z": block_z}
             fwd_sig = {"proj_ptr": f"*{dtype}", "tgt_ptr": f"*{dtype}", "tpos_ptr": "*i32", "cos_ptr": "*fp32"}
             fwd_sig.update({name: "i32" for name in scalar_args})
             bwd_sig = {
@@ -204,18 +211,20 @@ def aot_specs() -> list[dict]:
                 "tgt_ptr": f"*{dtype}",
                 "tpos_ptr": "*i32",
                 "grad_ptr": f"*{dtype}",
+                "cos_ptr": "*fp32",
             }
             bwd_sig.update({name: "i32" for name in scalar_args})
-            for name, fn, sig in (
-                ("foresight_cos_fwd", _foresight_cos_fwd_kernel, fwd_sig),
-                ("foresight_cos_bwd", _foresight_cos_bwd_kernel, bwd_sig),
+            for name, fn, sig, cexpr in (
+                ("foresight_cos_fwd", _foresight_cos_fwd_kernel, fwd_sig, constexprs),
+                ("foresight_cos_bwd", _foresight_cos_bwd_kernel, bwd_sig, bwd_constexprs),
+                ("foresight_cos_fwd_bwd", _foresight_cos_bwd_kernel, bwd_sig, dict(bwd_constexprs, WRITE_COS=True)),
             ):
                 specs.append(
                     {
                         "name": f"{name}[{dtype},Z{dim}]",
                         "fn": fn,
                         "signature": sig,
-                        "constexprs": dict(constexprs),
+                        "constexprs": dict(cexpr),
                         "num_warps": 4,
                         "num_stages": 3,
                     }
