@@ -219,16 +219,17 @@ def test_num_splits_do_not_change_the_result(face):
 
 @pytest.mark.parametrize("face", [f for f in CPU_FACES if f != "reference"])
 def test_noncontiguous_views_of_fused_qkv(face):
-    """q, k_new, v_new as views of one fused qkv projection, caches as head-dim-contiguous views."""
+    """q, k_new, v_new as views of one fused qkv projection, caches as head-dim-contiguous views, strided
+    cache_seqlens."""
     batch, seqlen_q, nheads, head_dim = 2, 1, 2, 64
     qkv = torch.randn(batch, seqlen_q, 3, nheads, head_dim)
     q, k_new, v_new = qkv.unbind(2)
     kv_cache = torch.randn(batch, 33, 2, nheads, head_dim)
     k_cache, v_cache = kv_cache[:, :, 0], kv_cache[:, :, 1]
-    seqlens = torch.tensor([3, 31], dtype=torch.int32)
+    seqlens = torch.tensor([3, 0, 31, 0], dtype=torch.int32)[::2]  # strided too
     table = mk.rope_2d_table(6, head_dim)
     inputs = (q, k_cache, v_cache, k_new, v_new, seqlens, table)
-    contiguous = tuple(t.contiguous() if t.dim() == 4 else t for t in inputs)
+    contiguous = tuple(t.contiguous() for t in inputs)
     out_ref, k_ref, v_ref = run("reference", contiguous)
     out = mk.decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, rope_table=table,
                               backend=face)

@@ -139,10 +139,13 @@ def _check_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table) 
     if torch.is_grad_enabled() and any(t.requires_grad for _, t in tensors):
         raise RuntimeError(f"{where} is inference-only (no autograd formula): call it under torch.no_grad() or "
                            "torch.inference_mode(), or detach the inputs")
-    # Reading device values syncs the GPU with the host: on GPU this runs only under MIRAI_DEBUG=1. Under
-    # torch.compile it is skipped (data-dependent branches break the graph); the C++ CPU face checks the values
-    # itself, and the GPU kernels never touch memory outside the cache.
-    if batch and not torch.compiler.is_compiling() and (cache_seqlens.device.type == "cpu" or _backend.debug_checks()):
+    # Reading device values syncs the GPU with the host: on GPU this runs only under MIRAI_DEBUG=1 and outside CUDA
+    # graph capture. Under torch.compile it is skipped (data-dependent branches break the graph); the C++ CPU face
+    # checks the values itself, and the GPU kernels never touch memory outside the cache.
+    if batch and not torch.compiler.is_compiling() and (
+        cache_seqlens.device.type == "cpu"
+        or (_backend.debug_checks() and not torch.cuda.is_current_stream_capturing())
+    ):
         lengths = cache_seqlens.long().cpu()
         max_seqlen = k_cache.shape[1]
         if k_new is not None:

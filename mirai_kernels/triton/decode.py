@@ -295,6 +295,7 @@ def decode_attention(
         return out
     append = k_new is not None
     rope = rope_table is not None
+    cache_seqlens = cache_seqlens.contiguous()  # the kernels index it by batch
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch, nheads_kv, k_cache.shape[1], q.device)
     num_splits = min(num_splits, _MAX_SPLITS)
