@@ -449,6 +449,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_attention_bwd_cpp(
               "dual_attention_bwd_cpp: dtype must be float32, bfloat16 or float16, got ", q.scalar_type());
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "dual_attention_bwd_cpp: the last dim of q, k, v must be contiguous");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes() && q.size(0) == k.size(0) &&
+                  q.size(1) == k.size(1) && q.size(3) == k.size(3) && k.size(2) > 0 && q.size(2) % k.size(2) == 0,
+              "dual_attention_bwd_cpp: q (B, S, H, D) and k, v (B, S, Hk, D) with Hk dividing H expected");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "dual_attention_bwd_cpp: q, k, v dtypes differ");
+  const int64_t rows = q.size(0) * q.size(2) * q.size(1);
+  auto check_rows = [&](const at::Tensor& t, const at::Tensor& lse, const char* name) {
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "dual_attention_bwd_cpp: ", name, " must have q's dtype");
+    TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == rows,
+                "dual_attention_bwd_cpp: lse for ", name, " must be float32 (B, H, S)");
+  };
   at::Tensor oc, ob, lc, lb, doc, dob;
   if (has_c) {
     TORCH_CHECK(out_c.has_value() && lse_c.has_value(), "dual_attention_bwd_cpp: dout_c needs out_c and lse_c");
@@ -456,6 +467,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_attention_bwd_cpp(
     doc = dout_c->stride(3) == 1 ? *dout_c : dout_c->contiguous();
     lc = lse_c->contiguous();
     TORCH_CHECK(oc.sizes() == q.sizes() && doc.sizes() == q.sizes(), "dual_attention_bwd_cpp: out_c/dout_c shape");
+    check_rows(oc, lc, "out_c");
+    check_rows(doc, lc, "dout_c");
   }
   if (has_b) {
     TORCH_CHECK(out_b.has_value() && lse_b.has_value(), "dual_attention_bwd_cpp: dout_b needs out_b and lse_b");
@@ -463,6 +476,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_attention_bwd_cpp(
     dob = dout_b->stride(3) == 1 ? *dout_b : dout_b->contiguous();
     lb = lse_b->contiguous();
     TORCH_CHECK(ob.sizes() == q.sizes() && dob.sizes() == q.sizes(), "dual_attention_bwd_cpp: out_b/dout_b shape");
+    check_rows(ob, lb, "out_b");
+    check_rows(dob, lb, "dout_b");
   }
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
