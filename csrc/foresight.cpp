@@ -11,8 +11,8 @@
 // forward pass (measured faster than a chunked recompute in backward, for about the same saved bytes; see
 // mirai_kernels/ops/foresight.py). x (B, N, K, H), weight (K, Z, H), bias (K, Z) or None, targets (B, N, Z), tpos.
 // Returns per_head (K,) fp32/fp64 = -mean over (batch, valid pairs) of cos, and, when compute_grad, the gradients
-// of -sum(cos) per head: grad_x (B, N, K, H) in x's dtype (a permuted view of a (K, B, N, H) buffer), grad_weight (K, Z, H) and grad_bias (K, Z) in the
-// accumulation type (empty tensors otherwise). The caller scales them by upstream_k / (B * pairs_k).
+// of -sum(cos) per head, all in x's dtype: grad_x (B, N, K, H) (a permuted view of a (K, B, N, H) buffer),
+// grad_weight (K, Z, H) and grad_bias (K, Z) (empty tensors otherwise). The caller scales them by upstream_k / (B * pairs_k).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -220,20 +220,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto per_head = at::zeros({K}, x.options().dtype(acc));
   at::Tensor gx, gw, gb;
+  // Chunks of whole sequences (a pair never leaves its sample) of about chunk_rows rows bound the live projection.
+  const int64_t chunk = std::max<int64_t>(1, chunk_rows / std::max<int64_t>(1, N));
+  // The weight gradient is kept until backward in x's dtype (as an eager bf16 Linear makes it); across several
+  // chunks it is accumulated in fp32 first.
+  const auto gw_dtype = (chunk >= B) ? x.scalar_type() : acc;
   at::Tensor gx_heads;  // (K, B, N, H): each head's chunk is contiguous, so GEMMs write it in place
   if (compute_grad) {
     gx_heads = at::empty({K, B, N, H}, x.options());
     gx = gx_heads.permute({1, 2, 0, 3});
-    gw = at::empty({K, Z, H}, x.options().dtype(acc));  // the first chunk's GEMM writes it
+    gw = at::empty({K, Z, H}, x.options().dtype(gw_dtype));  // the first chunk's GEMM writes it
     gb = at::zeros({K, Z}, x.options().dtype(acc));
   } else {
     gx = at::empty({0}, x.options());
-    gw = at::empty({0}, x.options().dtype(acc));
-    gb = at::empty({0}, x.options().dtype(acc));
+    gw = at::empty({0}, x.options());
+    gb = at::empty({0}, x.options());
   }
-  if (B * N * K == 0) return {per_head, gx, gw, gb};
-  // Chunks of whole sequences (a pair never leaves its sample) of about chunk_rows rows bound the live projection.
-  const int64_t chunk = std::max<int64_t>(1, chunk_rows / std::max<int64_t>(1, N));
+  if (B * N * K == 0) return {per_head, gx, gw.to(x.scalar_type()), gb.to(x.scalar_type())};
   const auto counts = (tpos >= 0).sum(0).to(acc) * double(B);
   for (int64_t k = 0; k < K; ++k) {
     const auto tk = tpos.select(1, k).unsqueeze(1).contiguous();
@@ -259,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
           at::mm_out(out, dp, wk);
         }
         auto gwk = gw.select(0, k);
-        if (x.scalar_type() == acc) {
+        if (gw.scalar_type() == x.scalar_type()) {
           if (b0 == 0) {
             at::mm_out(gwk, dp.t(), xk);
           } else {
@@ -275,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
     }
   }
   per_head.div_(counts.clamp_min(1));
-  return {per_head, gx, gw, gb};
+  return {per_head, gx, gw.to(x.scalar_type()), gb.to(x.scalar_type())};
 }
 
 }  // namespace

@@ -10,7 +10,7 @@ Faces (pattern of :mod:`mirai_kernels.ops.rope`):
   per-head means are a ``(B, N, K) -> (K,)`` sum in PyTorch. The forward op is differentiable (autograd formula =
   the bwd op), with no gradient to the targets.
 * ``fused_linear_cosine_loss``: ``fused_linear_cos_<face>(x, weight, bias, targets, tpos, compute_grad,
-  silu_input, chunk_rows) -> (per_head, grad_x, grad_weight, grad_bias)``. The heads' last ``Linear(hidden -> Z)`` runs per foresight head in
+  silu_input, chunk_rows) -> (per_head, grad_x, grad_weight, grad_bias)`` (the gradients in x's dtype). The heads' last ``Linear(hidden -> Z)`` runs per foresight head in
   chunks of whole sequences (cuBLAS / MKL GEMMs), followed by the cosine kernels on each chunk's projection, which is
   then dropped. **Gradients are computed in the forward pass** (the fused-linear-loss pattern) and scaled per head
   by the upstream gradient in backward: exact for any upstream ``(K,)`` gradient, since each head's projection only
@@ -89,23 +89,25 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     z_dim = weight.shape[1]
     acc = _acc_dtype(x.dtype)
     per_head = torch.zeros(n_heads, dtype=acc, device=x.device)
+    chunks = _chunk_batches(batch, seqlen, chunk_rows)
+    # The weight gradient is kept until backward in x's dtype (as an eager bf16 Linear makes it); across several
+    # chunks it is accumulated in fp32 first.
+    gw_dtype = x.dtype if len(chunks) == 1 else acc
     if compute_grad:
         # (K, B, N, H) buffer: each head's chunk is contiguous, so the GEMMs write into it directly.
         gx_heads = torch.empty((n_heads, batch, seqlen, hidden), dtype=x.dtype, device=x.device)
         gx = gx_heads.permute(1, 2, 0, 3)
-        gw = torch.empty((n_heads, z_dim, hidden), dtype=acc, device=x.device)  # the first chunk's GEMM writes it
+        gw = torch.empty((n_heads, z_dim, hidden), dtype=gw_dtype, device=x.device)  # the first chunk's GEMM writes it
         gb = torch.zeros((n_heads, z_dim), dtype=acc, device=x.device)
     else:
-        gx = x.new_empty(0)
-        gw = torch.empty(0, dtype=acc, device=x.device)
-        gb = torch.empty(0, dtype=acc, device=x.device)
+        gx, gw, gb = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if batch * seqlen * n_heads == 0:
-        return per_head, gx, gw, gb
+        return per_head, gx, gw.to(x.dtype), gb.to(x.dtype)
     counts = (tpos >= 0).sum(0).to(acc) * batch
     for k in range(n_heads):
         tk = tpos[:, k:k + 1].contiguous()
         wk = weight[k]
-        for b0, b1 in _chunk_batches(batch, seqlen, chunk_rows):
+        for b0, b1 in chunks:
             bc = b1 - b0
             xin = x[b0:b1, :, k].reshape(bc * seqlen, hidden)
             xk = torch.nn.functional.silu(xin) if silu_input else xin
@@ -124,7 +126,7 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
                     torch.ops.aten.silu_backward.grad_input(dp @ wk, xin, grad_input=out)
                 else:
                     torch.mm(dp, wk, out=out)
-                if x.dtype == acc:
+                if gw.dtype == x.dtype:
                     if b0 == 0:
                         torch.mm(dp.t(), xk, out=gw[k])
                     else:
@@ -135,7 +137,7 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
                     gw[k] += (dp.t() @ xk).to(acc)
                 gb[k] += dp.sum(0, dtype=acc)
     per_head /= counts.clamp(min=1)
-    return per_head, gx, gw, gb
+    return per_head, gx, gw.to(x.dtype), gb.to(x.dtype)
 
 
 def _fake_cos_fwd(proj, targets, tpos):
@@ -152,9 +154,8 @@ def _fake_fused(x, weight, bias, targets, tpos, compute_grad, silu_input, chunk_
     per_head = x.new_empty((n_heads,), dtype=acc)
     if compute_grad:
         grad_x = x.new_empty((n_heads, x.shape[0], x.shape[1], x.shape[3])).permute(1, 2, 0, 3)
-        return (per_head, grad_x, x.new_empty(weight.shape, dtype=acc),
-                x.new_empty(weight.shape[:2], dtype=acc))
-    return per_head, x.new_empty(0), x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+        return per_head, grad_x, x.new_empty(weight.shape), x.new_empty(weight.shape[:2])
+    return per_head, x.new_empty(0), x.new_empty(0), x.new_empty(0)
 
 
 def _register_cos(face: str) -> None:
@@ -198,14 +199,18 @@ def _register_fused(face: str) -> None:
             return (None,) * 8
         gx, gw, gb, tpos = ctx.saved_tensors
         n_heads = gw.shape[0]
-        counts = ((tpos >= 0).sum(0).to(gw.dtype) * ctx.batch).clamp(min=1)
-        scale = grad_per_head.to(gw.dtype) / counts
+        counts = ((tpos >= 0).sum(0).to(grad_per_head.dtype) * ctx.batch).clamp(min=1)
+        scale = grad_per_head / counts
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        # Out of place: an in-place scale of the saved tensor would save one x-sized buffer at this point but
-        # breaks AOT autograd's partitioner (torch.compile).
-        grad_x = gx * scale.view(1, 1, n_heads, 1).to(x_dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (gw * scale.view(n_heads, 1, 1)).to(w_dtype) if ctx.needs_input_grad[1] else None
-        grad_b = (gb * scale.view(n_heads, 1)).to(b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        # The products are computed in fp32 (the scale's dtype) and rounded once into the output's dtype: a bf16 or
+        # fp16 copy of the scale would bias every gradient of head k by its rounding error. Out of place: scaling
+        # the saved tensor in place breaks AOT autograd's partitioner (torch.compile).
+        def scaled(saved, shape, dtype):
+            return torch.mul(saved, scale.view(shape), out=torch.empty_like(saved, dtype=dtype))
+
+        grad_x = scaled(gx, (1, 1, n_heads, 1), x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = scaled(gw, (n_heads, 1, 1), w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = scaled(gb, (n_heads, 1), b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
     torch.library.register_fake(qualname)(_fake_fused)
