@@ -277,6 +277,18 @@ def test_compile_fullgraph(face):
     assert torch.equal(k_cache, k_eager) and torch.equal(v_cache, v_eager)  # the in-place append survives
 
 
+@pytest.mark.parametrize("face", CPU_FACES)
+def test_autocast_leaves_dtypes_alone(face):
+    """No autocast rule: under autocast the op computes exactly as outside it (caches are written in their own
+    dtype, so casting the inputs would break the in-place append)."""
+    inputs = make_inputs(2, 1, 2, 2, 32, 20, [0, 7], rope=True)
+    expected, k_expected, _ = run(face, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, k_cache, _ = run(face, inputs)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected) and torch.equal(k_cache, k_expected)
+
+
 def test_auto_picks_cpp_on_cpu():
     if "cpp" not in CPU_FACES:
         pytest.skip("C++ extension not built")

@@ -60,12 +60,14 @@ def decode_attention(
 
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     group = nheads // nheads_kv
-    k = k_cache.to(compute_dtype).repeat_interleave(group, dim=2)
-    v = v_cache.to(compute_dtype).repeat_interleave(group, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute_dtype), k) * scale
-    keys = torch.arange(k_cache.shape[1], device=q.device)
-    visible = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, S_q, S_max)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows without keys: all -inf -> NaN -> 0
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    # The op has no autocast rule: it computes as specified above whatever autocast region it is called in.
+    with torch.autocast(q.device.type, enabled=False):
+        k = k_cache.to(compute_dtype).repeat_interleave(group, dim=2)
+        v = v_cache.to(compute_dtype).repeat_interleave(group, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute_dtype), k) * scale
+        keys = torch.arange(k_cache.shape[1], device=q.device)
+        visible = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, S_q, S_max)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows without keys: all -inf -> NaN -> 0
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out.to(q.dtype)
