@@ -191,6 +191,7 @@ TRITON_CASES = [  # interpreted: batch * heads <= 4
     (1, 3, 4, 2, 32, 50, [47]),  # GQA, a 3-token window
     (2, 2, 1, 1, 128, 300, [255, 1]),
     (1, 1, 1, 1, 64, 577, [576]),  # the full 24x24 + cls cache
+    (1, 5, 16, 1, 32, 40, [10]),  # MQA window: 80 query rows, two 64-row tiles
 ]
 
 
