@@ -2,6 +2,8 @@
 cache writes, split-KV invariance, opcheck, compile, bad inputs, GPU faces and CUDA-graph capture."""
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -381,12 +383,17 @@ def cuda_emulator(tmp_path_factory):
     CUDA thread, as ``torch.ops.mirai_emu.decode_attention_cuda_emulated`` (same schema as the face op)."""
     if "cpp" not in CPU_FACES:
         pytest.skip("no C++ toolchain here (the C++ extension is not built either)")
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import is_ninja_available, load
 
     root = Path(__file__).resolve().parents[1]
-    load(name="mirai_decode_cuda_emulator", sources=[str(root / "tests" / "decode_cuda_emulator.cpp")],
-         extra_include_paths=[str(root / "csrc" / "cuda")], build_directory=str(tmp_path_factory.mktemp("emu")),
-         extra_cflags=["-O1", "-pthread"], extra_ldflags=["-pthread"], is_python_module=False)
+    with pytest.MonkeyPatch.context() as mp:
+        # A venv's ninja (pip install ninja) is next to its python, not necessarily on PATH.
+        mp.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+        if not is_ninja_available():
+            pytest.skip("ninja not found (torch.utils.cpp_extension.load needs it)")
+        load(name="mirai_decode_cuda_emulator", sources=[str(root / "tests" / "decode_cuda_emulator.cpp")],
+             extra_include_paths=[str(root / "csrc" / "cuda")], build_directory=str(tmp_path_factory.mktemp("emu")),
+             extra_cflags=["-O1", "-pthread"], extra_ldflags=["-pthread"], is_python_module=False)
     return torch.ops.mirai_emu.decode_attention_cuda_emulated
 
 
