@@ -430,6 +430,38 @@ def test_cuda_kernels_emulated_on_cpu_match_fp64(cuda_emulator, case, num_splits
     assert torch.equal(k_out[~written], k_cache[~written])
 
 
+def _guarded_caches(batch, max_seqlen, nheads_kv, head_dim, dtype, guard=8):
+    """Caches that are views into larger buffers, with `guard` sentinel rows before and after each sequence."""
+    bufs = [torch.randn(batch, max_seqlen + 2 * guard, nheads_kv, head_dim, dtype=dtype) for _ in range(2)]
+    return bufs, [b[:, guard : guard + max_seqlen] for b in bufs], [b.clone() for b in bufs]
+
+
+def _check_guards(bufs, before, max_seqlen, guard=8):
+    for buf, old in zip(bufs, before):
+        assert torch.equal(buf[:, :guard], old[:, :guard]) and torch.equal(buf[:, guard + max_seqlen :],
+                                                                            old[:, guard + max_seqlen :])
+
+
+@pytest.mark.parametrize("seqlens", [[60, 0], [-5, 3], [64, 64]])
+def test_gpu_kernels_never_touch_memory_outside_the_cache_on_invalid_seqlens(cuda_emulator, seqlens):
+    """On GPU the door does not read cache_seqlens (no host sync): with invalid values the CUDA and Triton kernels
+    still stay inside the cache and the rope table (their output is then undefined). Checked on the emulated CUDA
+    kernels and the interpreted Triton face, called directly."""
+    batch, seqlen_q, nheads, nheads_kv, head_dim, max_seqlen = 2, 3, 4, 2, 64, 64
+    q = torch.randn(batch, seqlen_q, nheads, head_dim, dtype=torch.float16)
+    k_new, v_new = (torch.randn(batch, seqlen_q, nheads_kv, head_dim, dtype=torch.float16) for _ in range(2))
+    table = mk.rope_2d_table(4, head_dim)  # 17 rows: positions past it too
+    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    faces = [("cuda_emulated", cuda_emulator)]
+    if "triton" in CPU_FACES:
+        faces.append(("triton", torch.ops.mirai.decode_attention_triton))
+    for name, op in faces:
+        bufs, (k_cache, v_cache), before = _guarded_caches(batch, max_seqlen, nheads_kv, head_dim, torch.float16)
+        out = op(q, k_cache, v_cache, k_new, v_new, cache_seqlens, table, 0.125, 3)
+        assert out.shape == q.shape, name
+        _check_guards(bufs, before, max_seqlen)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------
