@@ -551,3 +551,23 @@ def test_cuda_extension_registers_the_op_when_built():
         pytest.skip("mirai_kernels._C_cuda predates csrc/cuda/decode.cu (rebuild with MIRAI_CUDA=1)")
     schema = str(torch.ops.mirai.decode_attention_cuda.default._schema)
     assert "Tensor(a!) k_cache" in schema and "Tensor(b!) v_cache" in schema
+
+
+@pytest.mark.gpu
+def test_gpu_value_checks_only_under_mirai_debug(monkeypatch):
+    """On GPU the door reads cache_seqlens (a host sync) only with MIRAI_DEBUG=1."""
+    q, k_cache, v_cache, k_new, v_new, _, table = make_inputs(1, 1, 2, 2, 64, 8, [0], dtype=torch.float16,
+                                                             device="cuda", rope=True)
+    too_long = torch.tensor([8], dtype=torch.int32, device="cuda")
+    monkeypatch.setenv("MIRAI_DEBUG", "1")
+    with pytest.raises(IndexError, match="cache too small"):
+        mk.decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens=too_long, rope_table=table,
+                            backend="reference")
+    monkeypatch.setenv("MIRAI_DEBUG", "0")
+    for face in GPU_FACES:
+        if face in B.available_faces("decode_attention", torch.device("cuda")):
+            k_before = k_cache.clone()
+            mk.decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens=too_long, rope_table=table,
+                                backend=face)  # no check, no sync; the kernels clamp
+            torch.cuda.synchronize()
+            assert torch.equal(k_cache, k_before)
