@@ -13,7 +13,6 @@ from torch.library import opcheck
 import mirai_kernels as mk
 from mirai_kernels import backend as B
 from mirai_kernels.ops import decode as decode_ops
-from mirai_kernels.reference import decode as ref
 from mirai_kernels.reference.rope import apply_rope_2d as ref_rope
 
 from .tolerances import ATOL, RTOL, assert_close_fa

@@ -16,8 +16,6 @@ CUDA-graph capturable:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
