@@ -240,6 +240,20 @@ def test_noncontiguous_views_of_fused_qkv(face):
     assert torch.equal(kv_cache[:, :, 1], v_ref)
 
 
+@pytest.mark.parametrize("face", [f for f in CPU_FACES if f != "reference"])
+def test_bhsd_cache_storage_as_a_transposed_view(face):
+    """A cache stored (B, H_kv, S_max, D), as LlamaGen's KVCache and SDPA want it, works through a BSHD view."""
+    inputs = make_inputs(2, 2, 4, 2, 64, 30, [0, 27], rope=True)
+    q, k_cache, v_cache, k_new, v_new, seqlens, table = inputs
+    k_bhsd, v_bhsd = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+    out_ref, k_ref, v_ref = run("reference", inputs)
+    out = mk.decode_attention(q, k_bhsd.transpose(1, 2), v_bhsd.transpose(1, 2), k_new, v_new, cache_seqlens=seqlens,
+                              rope_table=table, backend=face)
+    torch.testing.assert_close(out, out_ref, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(k_bhsd.transpose(1, 2), k_ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(v_bhsd.transpose(1, 2), v_ref)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Registration: opcheck, fake, compile
 # ---------------------------------------------------------------------------------------------------------
@@ -427,6 +441,18 @@ def test_cuda_kernels_emulated_on_cpu_match_fp64(cuda_emulator, case, num_splits
     assert torch.equal(v_out, v_pt)
     written = (k_pt != k_cache).any(-1).any(-1)
     assert torch.equal(k_out[~written], k_cache[~written])
+
+
+def test_cuda_kernels_emulated_with_bhsd_cache_views(cuda_emulator):
+    inputs = make_inputs(2, 2, 4, 2, 64, 30, [0, 27], dtype=torch.float16, rope=True)
+    q, k_cache, v_cache, k_new, v_new, seqlens, table = inputs
+    k_bhsd, v_bhsd = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+    out_ref, _, _ = run("reference", to_fp64(inputs))
+    out_pt, k_pt, v_pt = run("reference", inputs)
+    out = cuda_emulator(q, k_bhsd.transpose(1, 2), v_bhsd.transpose(1, 2), k_new, v_new, seqlens, table, 0.125, 2)
+    assert_close_fa(out, out_ref, out_pt)
+    torch.testing.assert_close(k_bhsd.transpose(1, 2), k_pt, atol=ATOL[torch.float16], rtol=RTOL[torch.float16])
+    assert torch.equal(v_bhsd.transpose(1, 2), v_pt)
 
 
 def _guarded_caches(batch, max_seqlen, nheads_kv, head_dim, dtype, guard=8):
