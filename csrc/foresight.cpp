@@ -11,8 +11,9 @@
 // forward pass (measured faster than a chunked recompute in backward, for about the same saved bytes; see
 // mirai_kernels/ops/foresight.py). x (B, N, K, H), weight (K, Z, H), bias (K, Z) or None, targets (B, N, Z), tpos.
 // Returns per_head (K,) fp32/fp64 = -mean over (batch, valid pairs) of cos, and, when compute_grad, the gradients
-// of -sum(cos) per head, all in x's dtype: grad_x (B, N, K, H) (a permuted view of a (K, B, N, H) buffer),
-// grad_weight (K, Z, H) and grad_bias (K, Z) (empty tensors otherwise). The caller scales them by upstream_k / (B * pairs_k).
+// of grad_scale[k] * (-sum(cos)) per head k, all in x's dtype: grad_x (B, N, K, H) (a permuted view of a (K, B, N, H) buffer),
+// grad_weight (K, Z, H) and grad_bias (K, Z) (empty tensors otherwise). grad_scale[k] is the expected upstream
+// gradient of per_head[k] over B * pairs_k; the autograd formula (Python) rescales only when the real one differs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -197,7 +198,7 @@ at::Tensor foresight_cos_bwd_cpu(const at::Tensor& grad_cos, const at::Tensor& p
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& targets,
-    const at::Tensor& tpos, bool compute_grad, bool silu_input, int64_t chunk_rows) {
+    const at::Tensor& tpos, bool compute_grad, bool silu_input, int64_t chunk_rows, c10::ArrayRef<double> grad_scale) {
   TORCH_CHECK(x.dim() == 4, "fused_linear_cos: x must be (B, N, K, H), got ", x.sizes());
   const int64_t B = x.size(0), N = x.size(1), K = x.size(2), H = x.size(3);
   TORCH_CHECK(weight.dim() == 3 && weight.size(0) == K && weight.size(2) == H,
@@ -217,6 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
   TORCH_CHECK(tpos.scalar_type() == at::kInt && tpos.dim() == 2 && tpos.size(0) == N && tpos.size(1) == K,
               "fused_linear_cos: tpos must be int32 (N, K)");
   check_tpos_range(tpos, N);
+  TORCH_CHECK(int64_t(grad_scale.size()) == K, "fused_linear_cos: grad_scale needs one entry per head (", K,
+              "), got ", grad_scale.size());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto per_head = at::zeros({K}, x.options().dtype(acc));
   at::Tensor gx, gw, gb;
@@ -255,25 +258,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
         auto c = at::empty({bc, N, 1}, x.options().dtype(acc));
         const auto dp = cos_bwd_impl(at::full_like(c, -1.0), p, tch, tk, &c).view({bc * N, Z});
         per_head.select(0, k).sub_(c.sum());
+        // dp is the gradient of -sum(cos); the GEMMs' alpha applies grad_scale[k] for free (beta = 0: the
+        // uninitialised output is not read).
+        const double sk = grad_scale[k];
         auto out = gx_heads.select(0, k).slice(0, b0, b1).view({bc * N, H});
         if (silu_input) {
-          at::silu_backward_out(out, at::mm(dp, wk), xin);
+          at::silu_backward_out(out, at::mm(dp, wk).mul_(sk), xin);
         } else {
-          at::mm_out(out, dp, wk);
+          out.addmm_(dp, wk, /*beta=*/0, /*alpha=*/sk);
         }
         auto gwk = gw.select(0, k);
         if (gw.scalar_type() == x.scalar_type()) {
-          if (b0 == 0) {
-            at::mm_out(gwk, dp.t(), xk);
-          } else {
-            gwk.addmm_(dp.t(), xk);
-          }
+          gwk.addmm_(dp.t(), xk, /*beta=*/b0 == 0 ? 0 : 1, /*alpha=*/sk);
         } else if (b0 == 0) {
-          gwk.copy_(at::mm(dp.t(), xk));
+          gwk.copy_(at::mm(dp.t(), xk).mul_(sk));
         } else {
-          gwk.add_(at::mm(dp.t(), xk).to(acc));
+          gwk.add_(at::mm(dp.t(), xk).to(acc), sk);
         }
-        gb.select(0, k).add_(dp.sum(0, /*keepdim=*/false, acc));
+        gb.select(0, k).add_(dp.sum(0, /*keepdim=*/false, acc), sk);
       }
     }
   }
@@ -288,7 +290,7 @@ TORCH_LIBRARY_FRAGMENT(mirai, m) {
   m.def("foresight_cos_bwd_cpp(Tensor grad_cos, Tensor proj, Tensor targets, Tensor tpos) -> Tensor");
   m.def(
       "fused_linear_cos_cpp(Tensor x, Tensor weight, Tensor? bias, Tensor targets, Tensor tpos, bool compute_grad, "
-      "bool silu_input, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool silu_input, int chunk_rows, float[] grad_scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mirai, CPU, m) {

@@ -319,9 +319,9 @@ def test_opcheck(face):
     weight = torch.randn(3, 8, 16, requires_grad=True)
     bias = torch.randn(3, 8, requires_grad=True)
     tgt8 = torch.randn(2, 15, 8)
-    opcheck(ops["fused"], (x, weight, bias, tgt8, tpos, True, False, 8192))
-    opcheck(ops["fused"], (x, weight, None, tgt8, tpos, True, True, 20))
-    opcheck(ops["fused"], (x.detach(), weight.detach(), bias.detach(), tgt8, tpos, False, False, 8192))
+    opcheck(ops["fused"], (x, weight, bias, tgt8, tpos, True, False, 8192, [0.1, 0.2, 0.3]))
+    opcheck(ops["fused"], (x, weight, None, tgt8, tpos, True, True, 20, [1.0, 1.0, 1.0]))
+    opcheck(ops["fused"], (x.detach(), weight.detach(), bias.detach(), tgt8, tpos, False, False, 8192, [1.0] * 3))
 
 
 @pytest.mark.parametrize("face", FACES)

@@ -10,7 +10,8 @@ Faces (pattern of :mod:`mirai_kernels.ops.rope`):
   per-head means are a ``(B, N, K) -> (K,)`` sum in PyTorch. The forward op is differentiable (autograd formula =
   the bwd op), with no gradient to the targets.
 * ``fused_linear_cosine_loss``: ``fused_linear_cos_<face>(x, weight, bias, targets, tpos, compute_grad,
-  silu_input, chunk_rows) -> (per_head, grad_x, grad_weight, grad_bias)`` (the gradients in x's dtype). The heads' last ``Linear(hidden -> Z)`` runs per foresight head in
+  silu_input, chunk_rows, grad_scale) -> (per_head, grad_x, grad_weight, grad_bias)`` (the gradients in x's
+  dtype, for the upstream gradient ``grad_scale[k] * B * pairs_k`` of ``per_head[k]``). The heads' last ``Linear(hidden -> Z)`` runs per foresight head in
   chunks of whole sequences (cuBLAS / MKL GEMMs), followed by the cosine kernels on each chunk's projection, which is
   then dropped. **Gradients are computed in the forward pass** (the fused-linear-loss pattern) and scaled per head
   by the upstream gradient in backward: exact for any upstream ``(K,)`` gradient, since each head's projection only
@@ -81,7 +82,8 @@ def _chunk_batches(batch: int, seqlen: int, chunk_rows: int = CHUNK_ROWS) -> lis
 @torch.library.custom_op("mirai::fused_linear_cos_triton", mutates_args=(), device_types=("cuda", "cpu"))
 def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                              targets: torch.Tensor, tpos: torch.Tensor, compute_grad: bool, silu_input: bool,
-                             chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                             chunk_rows: int,
+                             grad_scale: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # Same algorithm as fused_linear_cos_cpu in csrc/foresight.cpp: GEMMs by the vendor library, cosines by Triton.
     from ..triton import foresight as kernels
 
@@ -121,21 +123,20 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
                 dp = kernels.foresight_cos_bwd(torch.full_like(c, -1.0), p, tch, tk, cos_out=c)
                 dp = dp.view(bc * seqlen, z_dim)
                 per_head[k] -= c.sum()
+                # The GEMMs' alpha applies grad_scale[k] for free (beta = 0: the uninitialised output is not read).
+                sk = grad_scale[k]
                 out = gx_heads[k, b0:b1].view(bc * seqlen, hidden)
                 if silu_input:
-                    torch.ops.aten.silu_backward.grad_input(dp @ wk, xin, grad_input=out)
+                    torch.ops.aten.silu_backward.grad_input((dp @ wk).mul_(sk), xin, grad_input=out)
                 else:
-                    torch.mm(dp, wk, out=out)
+                    out.addmm_(dp, wk, beta=0, alpha=sk)
                 if gw.dtype == x.dtype:
-                    if b0 == 0:
-                        torch.mm(dp.t(), xk, out=gw[k])
-                    else:
-                        gw[k].addmm_(dp.t(), xk)
+                    gw[k].addmm_(dp.t(), xk, beta=0 if b0 == 0 else 1, alpha=sk)
                 elif b0 == 0:
-                    gw[k].copy_(dp.t() @ xk)
+                    gw[k].copy_((dp.t() @ xk).mul_(sk))
                 else:
-                    gw[k] += (dp.t() @ xk).to(acc)
-                gb[k] += dp.sum(0, dtype=acc)
+                    gw[k].add_((dp.t() @ xk).to(acc), alpha=sk)
+                gb[k].add_(dp.sum(0, dtype=acc), alpha=sk)
     per_head /= counts.clamp(min=1)
     return per_head, gx, gw.to(x.dtype), gb.to(x.dtype)
 
@@ -148,7 +149,7 @@ def _fake_cos_bwd(grad_cos, proj, targets, tpos):
     return proj.new_empty(proj.shape)
 
 
-def _fake_fused(x, weight, bias, targets, tpos, compute_grad, silu_input, chunk_rows):
+def _fake_fused(x, weight, bias, targets, tpos, compute_grad, silu_input, chunk_rows, grad_scale):
     acc = _acc_dtype(x.dtype)
     n_heads = x.shape[2]
     per_head = x.new_empty((n_heads,), dtype=acc)
@@ -175,11 +176,21 @@ def _register_cos(face: str) -> None:
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
+def _eager_cpu(t: torch.Tensor) -> bool:
+    """True for a plain CPU tensor outside any tracing (compile, make_fx, fake or functional modes), where
+    reading its values is free and changes no graph."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (t.device.type == "cpu" and type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None and not torch._is_functional_tensor(t))
+
+
 def _register_fused(face: str) -> None:
     qualname = f"mirai::fused_linear_cos_{face}"
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, targets, tpos, compute_grad, _silu_input, _chunk_rows = inputs
+        x, weight, bias, targets, tpos, compute_grad, _silu_input, _chunk_rows, grad_scale = inputs
+        ctx.grad_scale = list(grad_scale)
         _, gx, gw, gb = output
         ctx.mark_non_differentiable(gx, gw, gb)
         ctx.set_materialize_grads(False)  # no zero-filled x- and weight-sized grads for the unused outputs
@@ -196,12 +207,21 @@ def _register_fused(face: str) -> None:
                 "computed in the forward pass; call it with grad enabled and inputs that require grad)"
             )
         if grad_per_head is None:
-            return (None,) * 8
+            return (None,) * 9
         gx, gw, gb, tpos = ctx.saved_tensors
         n_heads = gw.shape[0]
         counts = ((tpos >= 0).sum(0).to(grad_per_head.dtype) * ctx.batch).clamp(min=1)
-        scale = grad_per_head / counts
+        # The saved gradients already carry grad_scale[k] = expected upstream / (B * pairs); rescale by
+        # real / expected. When they agree (total.backward() with the head_weights given: the usual case) and the
+        # check costs no GPU sync, the saved gradients are returned as they are.
+        expected = torch.tensor(ctx.grad_scale, dtype=torch.float64) * counts.cpu().double()
+        scale = grad_per_head / expected.to(device=grad_per_head.device, dtype=grad_per_head.dtype)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
+        if _eager_cpu(grad_per_head) and bool((scale == 1).all()):
+            return (gx if ctx.needs_input_grad[0] else None,
+                    gw.to(w_dtype) if ctx.needs_input_grad[1] else None,
+                    gb.to(b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None,
+                    None, None, None, None, None, None)
         # The products are computed in fp32 (the scale's dtype) and rounded once into the output's dtype: a bf16 or
         # fp16 copy of the scale would bias every gradient of head k by its rounding error. Out of place: scaling
         # the saved tensor in place breaks AOT autograd's partitioner (torch.compile).
@@ -211,7 +231,7 @@ def _register_fused(face: str) -> None:
         grad_x = scaled(gx, (1, 1, n_heads, 1), x_dtype) if ctx.needs_input_grad[0] else None
         grad_w = scaled(gw, (n_heads, 1, 1), w_dtype) if ctx.needs_input_grad[1] else None
         grad_b = scaled(gb, (n_heads, 1), b_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
     torch.library.register_fake(qualname)(_fake_fused)
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
@@ -256,6 +276,18 @@ def _pairing_table(seqlen, grid, parsed, prefix, boundary, align_prefix, device)
         table = _reference.pairing_table(seqlen, grid, prefix, parsed, boundary, align_prefix, device=device)
         _TPOS_CACHE[key] = table
     return table
+
+
+def _pair_counts(seqlen, grid, parsed, prefix, boundary, align_prefix) -> list[int]:
+    """Valid pairs per head per sample, as host ints (no device read)."""
+    key = ("counts", seqlen, grid, prefix, parsed, boundary, bool(align_prefix))
+    counts = _TPOS_CACHE.get(key)
+    if counts is None:
+        # From the plain-Python table: constants, also while torch.compile traces this.
+        rows = _reference._pairing_list(seqlen, grid, prefix, parsed, boundary, bool(align_prefix))
+        counts = [sum(1 for row in rows if row[k] >= 0) for k in range(len(parsed))]
+        _TPOS_CACHE[key] = counts
+    return counts
 
 
 def grid_to_sequence(features: torch.Tensor, prefix: int = 1) -> torch.Tensor:
@@ -445,5 +477,11 @@ def fused_linear_cosine_loss(x: torch.Tensor, weight: torch.Tensor, bias: Option
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
         op = getattr(torch.ops.mirai, f"fused_linear_cos_{face}")
-        per_head = op(x, weight, bias, targets.detach(), tpos, needs_grad, silu, CHUNK_ROWS)[0]
+        counts = _pair_counts(seqlen, grid, parsed, prefix, boundary, align_prefix)
+        if head_weights is None or isinstance(head_weights, torch.Tensor):
+            expected = [1.0] * n_heads
+        else:
+            expected = [float(w) if float(w) != 0.0 else 1.0 for w in head_weights]
+        grad_scale = [e / max(1, batch * c) for e, c in zip(expected, counts)]
+        per_head = op(x, weight, bias, targets.detach(), tpos, needs_grad, silu, CHUNK_ROWS, grad_scale)[0]
     return _weights_total(per_head, head_weights), per_head
