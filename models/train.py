@@ -10,6 +10,10 @@ Schedules accept steps (an int) or a fraction of the run (a float < 1): ``--warm
 after 5% of the steps (the paper: 15 of 300 epochs), ``--halve-at 0.27`` (80 of 300). ``--ema-decay`` defaults to
 a half-life of 10% of the run (capped at the paper's 0.9999, which barely moves in a short run: 0.9999^2000 = 0.82).
 
+Multi-process: ``torchrun --nproc_per_node N -m models.train ...`` trains with DistributedDataParallel (NCCL on
+GPUs, gloo on CPUs); ``--batch-size`` is the global batch, each rank takes its share of every step's batch (a pure
+function of seed and step, which is what makes ``--resume`` exact), rank 0 logs and writes checkpoints.
+
 Outputs in ``--out``: ``metrics.jsonl`` (one line per logged step), ``last.pt`` (full state for ``--resume``,
 written atomically) and ``model.pt`` (sampling checkpoint: config + EMA weights, no foresight heads; loads strictly
 into the plain GPT).
@@ -120,9 +124,41 @@ def load_sampling_model(path: str, device="cpu") -> GPT:
     return model.to(device).eval()
 
 
+class TrainStep(torch.nn.Module):
+    """The GPT and the objective's heads as one module, so one DistributedDataParallel wrapper syncs all the
+    trainable parameters; ``forward`` is the objective's loss."""
+
+    def __init__(self, model, objective, compile_model: bool = False):
+        super().__init__()
+        self.model, self.objective = model, objective
+        self._forward_model = torch.compile(model) if compile_model else model
+
+    def forward(self, idx, labels, targets, step: int):
+        return self.objective.loss(self._forward_model, idx, labels, targets, step)
+
+
+def init_distributed(device_name: str):
+    """(rank, world_size, device). Under ``torchrun`` (WORLD_SIZE > 1) joins the process group: NCCL on GPUs,
+    gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device_name)
+    import torch.distributed as dist
+
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
 def train(args) -> dict:
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+    rank, world, device = init_distributed(args.device)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must divide evenly over {world} processes")
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
     os.makedirs(args.out, exist_ok=True)
     dataset = build_dataset(args.data, size=args.data_size, grid=args.grid, seed=args.seed)
     config = config_from_preset(
@@ -148,7 +184,11 @@ def train(args) -> dict:
         encoder=encoder,
     ).to(device)
     optimizer = torch.optim.AdamW(param_groups([model, objective], args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    forward_model = torch.compile(model) if args.compile else model
+    step_module = TrainStep(model, objective, args.compile)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     start_step = 0
     last_path = os.path.join(args.out, "last.pt")
@@ -160,35 +200,44 @@ def train(args) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start_step = state["step"]
+    # Dropout streams differ per rank (same weights, different masks), reproducibly.
+    if world > 1 and not args.resume:
+        torch.manual_seed(args.seed * 1000 + rank)
 
     schedule = {"ema_decay": ema_decay, "warmup_steps": warmup, "halve_at": halve_at,
-                "foresight_layer": getattr(objective, "layer", None)}
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump({"args": vars(args), "gpt": config.__dict__, "schedule": schedule}, f, indent=1)
+                "foresight_layer": getattr(objective, "layer", None), "world_size": world}
+    is_main = rank == 0
+    if is_main:
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump({"args": vars(args), "gpt": config.__dict__, "schedule": schedule}, f, indent=1)
 
     def save_full(step):
-        atomic_save({"config": config.__dict__, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                     "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                     "rng": torch.get_rng_state(), "step": step, "args": vars(args)}, last_path)
+        if is_main:
+            atomic_save({"config": config.__dict__, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                         "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                         "rng": torch.get_rng_state(), "step": step, "args": vars(args)}, last_path)
 
-    log = open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w")
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") if is_main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     progress = range(start_step, args.steps)
-    if not args.no_progress:
+    if is_main and not args.no_progress:
         from tqdm import tqdm
 
         progress = tqdm(progress, initial=start_step, total=args.steps, desc=f"train {args.objective}")
     model.train()
+    objective.train()
     metrics, step_times = {}, []
     for step in progress:
-        tokens, labels = collate(dataset, batch_indices(step, args.batch_size, len(dataset), args.seed))
+        # This rank's share of the global batch: a pure function of (seed, step), so resuming is exact.
+        indices = batch_indices(step, args.batch_size, len(dataset), args.seed)[rank::world]
+        tokens, labels = collate(dataset, indices)
         tokens, labels = tokens.to(device), labels.to(device)
         t0 = time.perf_counter()
         with autocast:
-            loss, metrics = objective.loss(forward_model, tokens[:, :-1], labels, tokens, step)
+            loss, metrics = step_module(tokens[:, :-1], labels, tokens, step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the gradients over ranks: the gradient of the global-batch mean loss
         grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(objective.parameters()),
                                                    args.grad_clip)
         optimizer.step()
@@ -196,25 +245,35 @@ def train(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
-        metrics.update(step=step + 1, loss=loss.item(), grad_norm=float(grad_norm), step_s=step_times[-1],
-                       tokens_per_s=tokens.numel() / step_times[-1])
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        global_loss = loss.detach().float()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(global_loss)
+            global_loss /= world
+        metrics.update(step=step + 1, loss=global_loss.item(), grad_norm=float(grad_norm), step_s=step_times[-1],
+                       tokens_per_s=tokens.numel() * world / step_times[-1])
+        if is_main and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             if not args.no_progress:
                 progress.set_postfix(ntp=f"{metrics['ntp']:.3f}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
             save_full(step + 1)
-    log.close()
+    if log is not None:
+        log.close()
     save_full(args.steps)
-    atomic_save({"config": config.__dict__, "model": ema.model.state_dict()}, os.path.join(args.out, "model.pt"))
+    if is_main:
+        atomic_save({"config": config.__dict__, "model": ema.model.state_dict()}, os.path.join(args.out, "model.pt"))
     steady = step_times[len(step_times) // 5:] or step_times
     return {"final": metrics, "step_s_median": sorted(steady)[len(steady) // 2] if steady else math.nan,
-            "schedule": schedule, "out": args.out}
+            "schedule": schedule, "out": args.out, "rank": rank, "world_size": world}
 
 
 def main(argv=None):
     summary = train(parse_args(argv))
+    if summary["rank"] != 0:
+        return
     print(json.dumps({k: v for k, v in summary.items() if k != "final"}))
     print(f"final: {json.dumps(summary['final'])}")
     print(f"checkpoints: {summary['out']}/last.pt (resume), {summary['out']}/model.pt (sampling)")

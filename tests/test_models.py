@@ -342,3 +342,24 @@ def test_short_training_learns_and_samples(tmp_path):
     assert os.path.getsize(tmp_path / "s.png") > 100
     saved = torch.load(tmp_path / "s.pt")
     assert saved["tokens"].shape == (10, 16)
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 gloo processes and the same global batch gives the single-process loss (dropout off)."""
+    import subprocess
+    import sys
+
+    common = ["--grid", "4", "--data-size", "64", "--batch-size", "8", "--steps", "3", "--no-progress",
+              "--log-every", "1", "--dropout", "0", "--class-dropout", "0", "--lr", "1e-3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    "-m", "models.train", "--out", str(tmp_path / "ddp"), *common], check=True, env=env, cwd=root,
+                   capture_output=True, timeout=300)
+    single = train_mod.train(train_mod.parse_args(["--out", str(tmp_path / "one"), *common]))
+    ddp_lines = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl")]
+    one_lines = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
+    assert len(ddp_lines) == len(one_lines) == 3
+    for a, b in zip(ddp_lines, one_lines):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert single["world_size"] == 1
