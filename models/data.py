@@ -190,10 +190,19 @@ class DigitsDataset(Dataset):
         return self.tokens[index], int(self.labels[index])
 
 
-def build_dataset(name: str, *, size: int = 4096, grid=(8, 8), seed: int = 0, split: str = "train"):
-    """``shapes`` (built in) or ``digits`` (scikit-learn). Held-out splits use another seed / the other part."""
+def build_dataset(name: str, *, size: int = 4096, grid=(8, 8), seed: int = 0, split: str = "train",
+                  code_path: str | None = None, image_size: int = 256, features_dir: str | None = None):
+    """``shapes`` (built in), ``digits`` (scikit-learn) or ``llamagen-codes`` (LlamaGen's pre-extracted ImageNet
+    codes under ``code_path``, optionally with a per-crop Mirai-I feature cache; see :mod:`models.codes`).
+    Held-out splits use another seed / the other part."""
+    if name == "llamagen-codes":
+        from .codes import LlamaGenCodes, code_dirs
+
+        if not code_path:
+            raise ValueError("llamagen-codes needs --code-path (the directory LlamaGen's extract_codes_c2i.py wrote)")
+        return LlamaGenCodes(*code_dirs(code_path, image_size), crop="seeded", seed=seed, features_dir=features_dir)
     if name == "shapes":
         return ShapesDataset(size=size, grid=grid, seed=seed if split == "train" else seed + 7919)
     if name == "digits":
         return DigitsDataset(split=split, seed=seed)
-    raise ValueError(f"unknown dataset {name!r}; built in: shapes, digits (needs scikit-learn)")
+    raise ValueError(f"unknown dataset {name!r}; built in: shapes, digits (needs scikit-learn), llamagen-codes")

@@ -58,7 +58,7 @@ class Objective(nn.Module):
     def head_parameters(self):
         return list(self.parameters())
 
-    def loss(self, model, idx, labels, targets, step: int):
+    def loss(self, model, idx, labels, targets, step: int, features=None):
         out = model(idx, labels, targets)
         return out["loss"], {"ntp": out["loss"].item()}
 
@@ -78,14 +78,15 @@ class ForesightObjective(Objective):
             align_prefix=align_prefix, head_weights=head_weights, hidden=head_width,
         )
 
-    def targets(self, model, student_out, idx, labels, tokens) -> torch.Tensor:
-        """Sequence-indexed ``(B, prefix + N - 1, Z)`` targets (no grad)."""
+    def targets(self, model, student_out, idx, labels, tokens, features=None) -> torch.Tensor:
+        """Sequence-indexed ``(B, prefix + N - 1, Z)`` targets (no grad). ``features``: precomputed
+        patch-indexed encoder features ``(B, H*W, Z)`` from the data, when it has them (Mirai-I)."""
         raise NotImplementedError
 
-    def loss(self, model, idx, labels, targets, step: int):
+    def loss(self, model, idx, labels, targets, step: int, features=None):
         out = model(idx, labels, targets, **self.student_kwargs())
         with torch.no_grad():
-            feature_targets = self.targets(model, out, idx, labels, targets)
+            feature_targets = self.targets(model, out, idx, labels, targets, features)
         total, per_head = self.heads(out["hidden"], feature_targets)
         scale = foresight_scale(step, self.warmup_steps, self.halve_at)
         loss = out["loss"] + scale * total
@@ -113,7 +114,7 @@ class MiraiE(ForesightObjective):
                          head_weights=[head_weight] * len(offsets), warmup_steps=warmup_steps, halve_at=halve_at,
                          z_dim=model.config.dim, boundary=boundary)
 
-    def targets(self, model, student_out, idx, labels, tokens):
+    def targets(self, model, student_out, idx, labels, tokens, features=None):
         return self.ema.model(idx, labels, stop_at=self.layer, hidden_layer=self.layer)["hidden"].float()
 
 
@@ -140,7 +141,7 @@ class MiraiS(ForesightObjective):
             kwargs["dual_layer"] = self.layer
         return kwargs
 
-    def targets(self, model, student_out, idx, labels, tokens):
+    def targets(self, model, student_out, idx, labels, tokens, features=None):
         if self.source == "self":
             return student_out["bidir_hidden"].detach().float()
         out = self.ema.model(idx, labels, stop_at=self.layer, dual_layer=self.layer)
@@ -157,30 +158,38 @@ class MiraiI(ForesightObjective):
 
     name = "mirai-i"
 
-    def __init__(self, model, *, encoder: nn.Module, layer, head_width, halve_at, head_weight: float = 2.0,
-                 warmup_steps: int = 0):
-        probe = torch.zeros(1, model.config.block_size, dtype=torch.long)
-        with torch.no_grad():
-            z_dim = encoder(probe).shape[-1]
+    def __init__(self, model, *, encoder: Optional[nn.Module], layer, head_width, halve_at, head_weight: float = 2.0,
+                 warmup_steps: int = 0, z_dim: Optional[int] = None):
+        if encoder is None and z_dim is None:
+            raise ValueError("mirai-i needs a frozen encoder, or z_dim when the data carries precomputed features")
+        if z_dim is None:
+            probe = torch.zeros(1, model.config.block_size, dtype=torch.long)
+            with torch.no_grad():
+                z_dim = encoder(probe).shape[-1]
         super().__init__(model, ema=None, offsets=[0], layer=layer, head_width=head_width,
                          head_weights=[head_weight], warmup_steps=warmup_steps, halve_at=halve_at, z_dim=z_dim,
                          align_prefix=False)
-        self.encoder = encoder.eval().requires_grad_(False)
+        self.encoder = encoder.eval().requires_grad_(False) if encoder is not None else None
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.encoder.eval()  # frozen: never dropout / batch-stat updates
+        if self.encoder is not None:
+            self.encoder.eval()  # frozen: never dropout / batch-stat updates
         return self
 
-    def targets(self, model, student_out, idx, labels, tokens):
-        features = self.encoder(tokens).float()  # (B, H*W, Z), patch-indexed
+    def targets(self, model, student_out, idx, labels, tokens, features=None):
+        if features is None:
+            if self.encoder is None:
+                raise ValueError("mirai-i without an encoder needs precomputed features from the data")
+            features = self.encoder(tokens)
+        features = features.float()  # (B, H*W, Z), patch-indexed
         return mk.grid_to_sequence(features, prefix=self.config.cls_token_num)
 
 
 def build_objective(name: str, model, *, ema: Optional[EMA], layer: Optional[int] = None,
                     head_width: Optional[int] = None, warmup_steps: int = 0, halve_at: Optional[int] = None,
                     mirai_s_source: str = "teacher", boundary: str = "raster",
-                    encoder: Optional[nn.Module] = None) -> Objective:
+                    encoder: Optional[nn.Module] = None, feature_dim: Optional[int] = None) -> Objective:
     """Build an objective by name. ``layer`` defaults to round(2/3 of the depth) (8 of 12 for GPT-B);
     ``head_width`` to 4 x dim (the paper's 2048 is for GPT-B and up)."""
     config = model.config
@@ -189,9 +198,10 @@ def build_objective(name: str, model, *, ema: Optional[EMA], layer: Optional[int
     if name == "none":
         return Objective(model)
     if name == "mirai-i":
-        if encoder is None:
-            raise ValueError("mirai-i needs a frozen encoder (see models.encoder)")
-        return MiraiI(model, encoder=encoder, layer=layer, head_width=head_width, halve_at=halve_at)
+        if encoder is None and feature_dim is None:
+            raise ValueError("mirai-i needs a frozen encoder (see models.encoder) or precomputed features")
+        return MiraiI(model, encoder=encoder, layer=layer, head_width=head_width, halve_at=halve_at,
+                      z_dim=feature_dim)
     if ema is None:
         raise ValueError(f"{name} needs an EMA teacher")
     common = dict(ema=ema, layer=layer, head_width=head_width, warmup_steps=warmup_steps, halve_at=halve_at)

@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--scale", type=int, default=8, help="pixels per token in the PNG")
+    p.add_argument("--vq-ckpt", default=None, help="a local LlamaGen VQ checkpoint (vq_ds16_c2i.pt) to decode "
+                   "ImageNet codes; default: the built-in palette tokenizer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -48,11 +50,20 @@ def main(argv=None):
                  top_k=args.top_k, top_p=args.top_p, generator=generator).cpu()
         for i in range(0, args.n, args.batch_size)
     ])
-    tokenizer = PaletteTokenizer()
-    if config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"this model has a {config.vocab_size}-token vocabulary; the built-in palette tokenizer "
-                         f"decodes {tokenizer.vocab_size}")
-    images = tokenizer.decode(tokens, config.grid)
+    if args.vq_ckpt:
+        from .vq import VQTokenizer
+
+        vq = VQTokenizer.from_checkpoint(args.vq_ckpt).to(args.device)
+        with torch.no_grad():
+            pixels = vq.decode(tokens.to(args.device), config.grid).cpu()
+        images = ((pixels + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
+        args.scale = 1
+    else:
+        tokenizer = PaletteTokenizer()
+        if config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"this model has a {config.vocab_size}-token vocabulary; the built-in palette tokenizer "
+                             f"decodes {tokenizer.vocab_size}: pass --vq-ckpt for VQ codes")
+        images = tokenizer.decode(tokens, config.grid)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_png(out, image_grid(images, ncols=len(classes) if len(classes) <= 16 else 8, scale=args.scale))

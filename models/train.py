@@ -46,7 +46,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--objective", default="none", choices=OBJECTIVES)
-    p.add_argument("--data", default="shapes", help="shapes (built in) or digits (needs scikit-learn)")
+    p.add_argument("--data", default="shapes", help="shapes (built in), digits (needs scikit-learn) or "
+                   "llamagen-codes (with --code-path)")
+    p.add_argument("--code-path", default=None, help="llamagen-codes: LlamaGen's extract_codes_c2i.py output dir")
+    p.add_argument("--image-size", type=int, default=256, help="llamagen-codes: image size of the code files")
+    p.add_argument("--features-dir", default=None, help="llamagen-codes + mirai-i: per-crop encoder features")
     p.add_argument("--data-size", type=int, default=4096, help="shapes: number of training images")
     p.add_argument("--grid", type=int, default=8, help="shapes: image side in tokens")
     p.add_argument("--steps", type=int, default=300)
@@ -95,8 +99,12 @@ def batch_indices(step: int, batch_size: int, dataset_size: int, seed: int) -> t
 
 
 def collate(dataset, indices):
-    tokens, labels = zip(*(dataset[int(i)] for i in indices))
-    return torch.stack(tokens), torch.tensor(labels)
+    """(tokens (B, H*W), labels (B,), features (B, H*W, Z) or None)."""
+    items = [dataset[int(i)] for i in indices]
+    tokens = torch.stack([item[0] for item in items])
+    labels = torch.tensor([item[1] for item in items])
+    features = torch.stack([item[2] for item in items]) if len(items[0]) > 2 else None
+    return tokens, labels, features
 
 
 def atomic_save(obj, path: str) -> None:
@@ -133,8 +141,8 @@ class TrainStep(torch.nn.Module):
         self.model, self.objective = model, objective
         self._forward_model = torch.compile(model) if compile_model else model
 
-    def forward(self, idx, labels, targets, step: int):
-        return self.objective.loss(self._forward_model, idx, labels, targets, step)
+    def forward(self, idx, labels, targets, step: int, features=None):
+        return self.objective.loss(self._forward_model, idx, labels, targets, step, features)
 
 
 def init_distributed(device_name: str):
@@ -160,7 +168,8 @@ def train(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} (global) must divide evenly over {world} processes")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     os.makedirs(args.out, exist_ok=True)
-    dataset = build_dataset(args.data, size=args.data_size, grid=args.grid, seed=args.seed)
+    dataset = build_dataset(args.data, size=args.data_size, grid=args.grid, seed=args.seed, code_path=args.code_path,
+                            image_size=args.image_size, features_dir=args.features_dir)
     config = config_from_preset(
         args.model, grid=(dataset.height, dataset.width), vocab_size=dataset.vocab_size,
         num_classes=dataset.num_classes, token_dropout_p=args.dropout, resid_dropout_p=args.dropout,
@@ -171,9 +180,11 @@ def train(args) -> dict:
     ema = EMA(model, ema_decay)
     warmup = steps_or_fraction(args.warmup, args.steps)
     halve_at = steps_or_fraction(args.halve_at, args.steps)
-    encoder = None
+    encoder, feature_dim = None, None
     if args.objective == "mirai-i":
-        if args.encoder:
+        if args.features_dir:
+            feature_dim = dataset[0][2].shape[-1]
+        elif args.encoder:
             encoder = load_encoder(args.encoder)
         else:
             cache = os.path.join("runs", "encoders", f"{args.data}-{args.grid}-{args.data_size}-seed{args.seed}.pt")
@@ -181,7 +192,7 @@ def train(args) -> dict:
     objective = build_objective(
         args.objective, model, ema=ema, layer=args.foresight_layer, head_width=args.head_width,
         warmup_steps=warmup, halve_at=halve_at, mirai_s_source=args.mirai_s_source, boundary=args.boundary,
-        encoder=encoder,
+        encoder=encoder, feature_dim=feature_dim,
     ).to(device)
     optimizer = torch.optim.AdamW(param_groups([model, objective], args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     step_module = TrainStep(model, objective, args.compile)
@@ -230,12 +241,15 @@ def train(args) -> dict:
     metrics, step_times = {}, []
     for step in progress:
         # This rank's share of the global batch: a pure function of (seed, step), so resuming is exact.
+        if hasattr(dataset, "set_epoch"):  # seeded crops: a pure function of (seed, epoch, index)
+            dataset.set_epoch(step // max(1, len(dataset) // args.batch_size))
         indices = batch_indices(step, args.batch_size, len(dataset), args.seed)[rank::world]
-        tokens, labels = collate(dataset, indices)
+        tokens, labels, features = collate(dataset, indices)
         tokens, labels = tokens.to(device), labels.to(device)
+        features = features.to(device) if features is not None else None
         t0 = time.perf_counter()
         with autocast:
-            loss, metrics = step_module(tokens[:, :-1], labels, tokens, step)
+            loss, metrics = step_module(tokens[:, :-1], labels, tokens, step, features)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over ranks: the gradient of the global-batch mean loss
         grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(objective.parameters()),
