@@ -8,7 +8,8 @@
 //
 // Work is split over (batch, K/V head) with at::parallel_for: each task owns its heads' dQ and its K/V head's dK/dV
 // (summed over the grouped query heads), so the backward needs no atomics. Inputs may be strided views (only the
-// last dim contiguous); each task copies its head into fp32 scratch, so bf16/fp16 compute with fp32 accumulation.
+// last dim contiguous): fp32 heads are read in place through their row strides, bf16/fp16 heads are widened into
+// fp32 scratch per task, so every product accumulates in fp32.
 // Matrix products go to the BLAS torch links (sgemm_, MKL in the pip wheels), looked up weakly so a torch without
 // it still loads this library and uses the plain loops below.
 
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -105,6 +107,19 @@ MIRAI_CLONES void softmax_grad(const float* p, float* dp, int n, float d) {
   for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
 }
 
+MIRAI_CLONES float row_dot(const float* a, const float* b, int n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+// out[j] = x[j] + alpha * y[j]; out may alias x.
+MIRAI_CLONES void axpy_row(const float* x, const float* y, float alpha, float* out, int n) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) out[j] = x[j] + alpha * y[j];
+}
+
 MIRAI_CLONES float row_max(const float* s, int n) {
   // 16 independent lanes: a plain max reduction does not vectorise without -ffast-math.
   float lanes[16];
@@ -151,6 +166,21 @@ void load_rows(const T* src, int64_t row_stride, int rows, int dim, float scale,
   }
 }
 
+// A head's rows as fp32: fp32 inputs are read in place (any row stride); other dtypes are widened into dst.
+template <typename T>
+const float* head_rows(const T* src, int64_t row_stride, int rows, int dim, float* dst, int& ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    // BLAS needs a leading dimension >= the row length: broadcast (stride 0) or overlapping rows are copied.
+    if (row_stride >= dim && row_stride <= std::numeric_limits<int>::max()) {
+      ld = (int)row_stride;
+      return src;
+    }
+  }
+  load_rows(src, row_stride, rows, dim, 1.f, dst);
+  ld = dim;
+  return dst;
+}
+
 struct Strides {
   int64_t b, s, h;
 };
@@ -181,27 +211,28 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     Accumulator C, U;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H, hk = h / group;
-      load_rows(qp + b * sq.b + h * sq.h, sq.s, S, D, softmax_scale, Q.data());
-      load_rows(kp + b * sk.b + hk * sk.h, sk.s, S, D, 1.f, K.data());
-      load_rows(vp + b * sv.b + hk * sv.h, sv.s, S, D, 1.f, V.data());
+      int ldq, ldk, ldv;
+      const float* Qh = head_rows(qp + b * sq.b + h * sq.h, sq.s, S, D, Q.data(), ldq);
+      const float* Kh = head_rows(kp + b * sk.b + hk * sk.h, sk.s, S, D, K.data(), ldk);
+      const float* Vh = head_rows(vp + b * sv.b + hk * sv.h, sv.s, S, D, V.data(), ldv);
       for (int i0 = 0; i0 < S; i0 += kBlockQ) {
         const int bq = std::min(kBlockQ, S - i0);
-        const float* Qt = Q.data() + (size_t)i0 * D;
+        const float* Qt = Qh + (size_t)i0 * ldq;
         C.reset(bq, D);
         U.reset(bq, D);
         // Region C: keys [0, i0), all visible to every row of the tile.
         for (int j0 = 0; j0 < i0; j0 += kBlockK) {
           const int n = std::min(kBlockK, i0 - j0);
-          gemm(false, true, bq, n, D, 1.f, Qt, D, K.data() + (size_t)j0 * D, D, 0.f, s_buf.data(), n);
+          gemm(false, true, bq, n, D, softmax_scale, Qt, ldq, Kh + (size_t)j0 * ldk, ldk, 0.f, s_buf.data(), n);
           for (int r = 0; r < bq; ++r) C.update_row(r, s_buf.data() + (size_t)r * n, p_buf.data() + (size_t)r * n, n, D);
-          gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, V.data() + (size_t)j0 * D, D, 1.f, C.acc.data(), D);
+          gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, Vh + (size_t)j0 * ldv, ldv, 1.f, C.acc.data(), D);
         }
         // Diagonal block: keys [i0, i0 + bq); row r sees columns 0..r causally, r+1.. only bidirectionally.
         {
           const int n = bq;
-          const float* Kd = K.data() + (size_t)i0 * D;
-          const float* Vd = V.data() + (size_t)i0 * D;
-          gemm(false, true, bq, n, D, 1.f, Qt, D, Kd, D, 0.f, s_buf.data(), n);
+          const float* Kd = Kh + (size_t)i0 * ldk;
+          const float* Vd = Vh + (size_t)i0 * ldv;
+          gemm(false, true, bq, n, D, softmax_scale, Qt, ldq, Kd, ldk, 0.f, s_buf.data(), n);
           for (int r = 0; r < bq; ++r) {
             float* s = s_buf.data() + (size_t)r * n;
             float* pc = p_buf.data() + (size_t)r * n;
@@ -213,17 +244,17 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               U.update_row(r, s + r + 1, pu + r + 1, n - r - 1, D);
             }
           }
-          gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, Vd, D, 1.f, C.acc.data(), D);
-          if (want_b) gemm(false, false, bq, D, n, 1.f, pu_buf.data(), n, Vd, D, 1.f, U.acc.data(), D);
+          gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, Vd, ldv, 1.f, C.acc.data(), D);
+          if (want_b) gemm(false, false, bq, D, n, 1.f, pu_buf.data(), n, Vd, ldv, 1.f, U.acc.data(), D);
         }
         // Region U: keys [i0 + bq, S), all in every row's future.
         if (want_b) {
           for (int j0 = i0 + bq; j0 < S; j0 += kBlockK) {
             const int n = std::min(kBlockK, S - j0);
-            gemm(false, true, bq, n, D, 1.f, Qt, D, K.data() + (size_t)j0 * D, D, 0.f, s_buf.data(), n);
+            gemm(false, true, bq, n, D, softmax_scale, Qt, ldq, Kh + (size_t)j0 * ldk, ldk, 0.f, s_buf.data(), n);
             for (int r = 0; r < bq; ++r)
               U.update_row(r, s_buf.data() + (size_t)r * n, p_buf.data() + (size_t)r * n, n, D);
-            gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, V.data() + (size_t)j0 * D, D, 1.f, U.acc.data(), D);
+            gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, Vh + (size_t)j0 * ldv, ldv, 1.f, U.acc.data(), D);
           }
         }
         // Finish: normalise C; merge C and U by log-sum-exp for the bidirectional row.
@@ -322,77 +353,81 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         dp_buf(tile), pu_buf((size_t)kBlockQ * kBlockQ), dpu_buf((size_t)kBlockQ * kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hk, hk = task % Hk;
-      load_rows(kp + b * sk.b + hk * sk.h, sk.s, S, D, 1.f, K.data());
-      load_rows(vp + b * sv.b + hk * sv.h, sv.s, S, D, 1.f, V.data());
+      int ldq, ldk, ldv;
+      const float* Kh = head_rows(kp + b * sk.b + hk * sk.h, sk.s, S, D, K.data(), ldk);
+      const float* Vh = head_rows(vp + b * sv.b + hk * sv.h, sv.s, S, D, V.data(), ldv);
       std::fill(dK.begin(), dK.end(), 0.f);
       std::fill(dV.begin(), dV.end(), 0.f);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        load_rows(qp + b * sq.b + h * sq.h, sq.s, S, D, softmax_scale, Q.data());
+        const float* Qh = head_rows(qp + b * sq.b + h * sq.h, sq.s, S, D, Q.data(), ldq);
         std::fill(dQ.begin(), dQ.end(), 0.f);
-        // Row terms D = rowsum(dO * O) and the per-region (lse, dO, D) triples.
+        // Row terms D = rowsum(dO * O) and the per-region (lse, dO, D) triples; fp32 tensors are read in place.
+        const float* dOCh = nullptr;
+        const float* dOUh = nullptr;
+        int ld_oc = D, ld_ou = D;
         if (has_c) {
-          load_rows(docp + b * sdoc.b + h * sdoc.h, sdoc.s, S, D, 1.f, dOC.data());
-          load_rows(ocp + b * soc.b + h * soc.h, soc.s, S, D, 1.f, tmp.data());
+          int ld_o;
+          const float* Oh = head_rows(ocp + b * soc.b + h * soc.h, soc.s, S, D, tmp.data(), ld_o);
+          dOCh = head_rows(docp + b * sdoc.b + h * sdoc.h, sdoc.s, S, D, dOC.data(), ld_oc);
           for (int i = 0; i < S; ++i) {
-            float acc = 0.f;
-            for (int d = 0; d < D; ++d) acc += dOC[(size_t)i * D + d] * tmp[(size_t)i * D + d];
-            DC[i] = acc;
+            DC[i] = row_dot(dOCh + (size_t)i * ld_oc, Oh + (size_t)i * ld_o, D);
             lseC[i] = lcp[(b * H + h) * S + i];
           }
         }
         if (has_b) {
-          load_rows(dobp + b * sdob.b + h * sdob.h, sdob.s, S, D, 1.f, dOU.data());
-          load_rows(obp + b * sob.b + h * sob.h, sob.s, S, D, 1.f, tmp.data());
+          int ld_o;
+          const float* Oh = head_rows(obp + b * sob.b + h * sob.h, sob.s, S, D, tmp.data(), ld_o);
+          dOUh = head_rows(dobp + b * sdob.b + h * sdob.h, sdob.s, S, D, dOU.data(), ld_ou);
           for (int i = 0; i < S; ++i) {
-            float acc = 0.f;
-            for (int d = 0; d < D; ++d) acc += dOU[(size_t)i * D + d] * tmp[(size_t)i * D + d];
-            DU[i] = acc;
+            DU[i] = row_dot(dOUh + (size_t)i * ld_ou, Oh + (size_t)i * ld_o, D);
             lseU[i] = lbp[(b * H + h) * S + i];
           }
           if (has_c) {
+            // dOC may alias the dOC buffer (widened input): the update is elementwise, so in place is fine.
             for (int i = 0; i < S; ++i) {
               const float alpha = std::exp(lseC[i] - lseU[i]);
-              float* row = dOC.data() + (size_t)i * D;
-              const float* rowu = dOU.data() + (size_t)i * D;
-              for (int d = 0; d < D; ++d) row[d] += alpha * rowu[d];
+              axpy_row(dOCh + (size_t)i * ld_oc, dOUh + (size_t)i * ld_ou, alpha, dOC.data() + (size_t)i * D, D);
               DC[i] += alpha * DU[i];
             }
+            dOCh = dOC.data();
+            ld_oc = D;
           } else {
-            std::copy(dOU.begin(), dOU.end(), dOC.begin());
+            dOCh = dOUh;
+            ld_oc = ld_ou;
             std::copy(DU.begin(), DU.end(), DC.begin());
             std::copy(lseU.begin(), lseU.end(), lseC.begin());
           }
         }
         for (int i0 = 0; i0 < S; i0 += kBlockQ) {
           const int bq = std::min(kBlockQ, S - i0);
-          const float* Qt = Q.data() + (size_t)i0 * D;
+          const float* Qt = Qh + (size_t)i0 * ldq;
           float* dQt = dQ.data() + (size_t)i0 * D;
-          const float* dOCt = dOC.data() + (size_t)i0 * D;
-          const float* dOUt = dOU.data() + (size_t)i0 * D;
+          const float* dOCt = dOCh + (size_t)i0 * ld_oc;
+          const float* dOUt = has_b ? dOUh + (size_t)i0 * ld_ou : nullptr;
           // A chunk of keys [j0, j0+n) that is entirely C (or entirely U) for this tile.
-          auto full_chunk = [&](int j0, int n, const float* dOt, const float* lse, const float* Drow) {
-            const float* Kc = K.data() + (size_t)j0 * D;
-            const float* Vc = V.data() + (size_t)j0 * D;
-            gemm(false, true, bq, n, D, 1.f, Qt, D, Kc, D, 0.f, s_buf.data(), n);
-            gemm(false, true, bq, n, D, 1.f, dOt, D, Vc, D, 0.f, dp_buf.data(), n);
+          auto full_chunk = [&](int j0, int n, const float* dOt, int ld_dot, const float* lse, const float* Drow) {
+            const float* Kc = Kh + (size_t)j0 * ldk;
+            const float* Vc = Vh + (size_t)j0 * ldv;
+            gemm(false, true, bq, n, D, softmax_scale, Qt, ldq, Kc, ldk, 0.f, s_buf.data(), n);
+            gemm(false, true, bq, n, D, 1.f, dOt, ld_dot, Vc, ldv, 0.f, dp_buf.data(), n);
             for (int r = 0; r < bq; ++r) {
               exp_shift_sum(s_buf.data() + (size_t)r * n, p_buf.data() + (size_t)r * n, n, lse[i0 + r]);
               softmax_grad(p_buf.data() + (size_t)r * n, dp_buf.data() + (size_t)r * n, n, Drow[i0 + r]);
             }
-            gemm(true, false, n, D, bq, 1.f, p_buf.data(), n, dOt, D, 1.f, dV.data() + (size_t)j0 * D, D);
-            gemm(true, false, n, D, bq, 1.f, dp_buf.data(), n, Qt, D, 1.f, dK.data() + (size_t)j0 * D, D);
-            gemm(false, false, bq, D, n, 1.f, dp_buf.data(), n, Kc, D, 1.f, dQt, D);
+            gemm(true, false, n, D, bq, 1.f, p_buf.data(), n, dOt, ld_dot, 1.f, dV.data() + (size_t)j0 * D, D);
+            gemm(true, false, n, D, bq, softmax_scale, dp_buf.data(), n, Qt, ldq, 1.f, dK.data() + (size_t)j0 * D, D);
+            gemm(false, false, bq, D, n, 1.f, dp_buf.data(), n, Kc, ldk, 1.f, dQt, D);
           };
-          for (int j0 = 0; j0 < i0; j0 += kBlockK) full_chunk(j0, std::min(kBlockK, i0 - j0), dOCt, lseC.data(), DC.data());
+          for (int j0 = 0; j0 < i0; j0 += kBlockK) full_chunk(j0, std::min(kBlockK, i0 - j0), dOCt, ld_oc, lseC.data(), DC.data());
           {
             // Diagonal block: C probabilities on and below the diagonal, U above; dS merges both.
             const int n = bq;
-            const float* Kd = K.data() + (size_t)i0 * D;
-            const float* Vd = V.data() + (size_t)i0 * D;
+            const float* Kd = Kh + (size_t)i0 * ldk;
+            const float* Vd = Vh + (size_t)i0 * ldv;
             const bool u = has_b;
-            gemm(false, true, bq, n, D, 1.f, Qt, D, Kd, D, 0.f, s_buf.data(), n);
-            gemm(false, true, bq, n, D, 1.f, dOCt, D, Vd, D, 0.f, dp_buf.data(), n);
-            if (u) gemm(false, true, bq, n, D, 1.f, dOUt, D, Vd, D, 0.f, dpu_buf.data(), n);
+            gemm(false, true, bq, n, D, softmax_scale, Qt, ldq, Kd, ldk, 0.f, s_buf.data(), n);
+            gemm(false, true, bq, n, D, 1.f, dOCt, ld_oc, Vd, ldv, 0.f, dp_buf.data(), n);
+            if (u) gemm(false, true, bq, n, D, 1.f, dOUt, ld_ou, Vd, ldv, 0.f, dpu_buf.data(), n);
             for (int r = 0; r < bq; ++r) {
               const int i = i0 + r;
               const float* s = s_buf.data() + (size_t)r * n;
@@ -411,15 +446,14 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 std::fill(dpc + r + 1, dpc + n, 0.f);
               }
             }
-            gemm(true, false, n, D, bq, 1.f, p_buf.data(), n, dOCt, D, 1.f, dV.data() + (size_t)i0 * D, D);
-            if (u) gemm(true, false, n, D, bq, 1.f, pu_buf.data(), n, dOUt, D, 1.f, dV.data() + (size_t)i0 * D, D);
-            gemm(true, false, n, D, bq, 1.f, dp_buf.data(), n, Qt, D, 1.f, dK.data() + (size_t)i0 * D, D);
-            gemm(false, false, bq, D, n, 1.f, dp_buf.data(), n, Kd, D, 1.f, dQt, D);
+            gemm(true, false, n, D, bq, 1.f, p_buf.data(), n, dOCt, ld_oc, 1.f, dV.data() + (size_t)i0 * D, D);
+            if (u) gemm(true, false, n, D, bq, 1.f, pu_buf.data(), n, dOUt, ld_ou, 1.f, dV.data() + (size_t)i0 * D, D);
+            gemm(true, false, n, D, bq, softmax_scale, dp_buf.data(), n, Qt, ldq, 1.f, dK.data() + (size_t)i0 * D, D);
+            gemm(false, false, bq, D, n, 1.f, dp_buf.data(), n, Kd, ldk, 1.f, dQt, D);
           }
           if (has_b) {
-            const float* dOt = has_c ? dOUt : dOCt;  // identical contents when only the bidirectional grad flows
             for (int j0 = i0 + bq; j0 < S; j0 += kBlockK)
-              full_chunk(j0, std::min(kBlockK, S - j0), dOt, lseU.data(), DU.data());
+              full_chunk(j0, std::min(kBlockK, S - j0), dOUt, ld_ou, lseU.data(), DU.data());
           }
         }
         T* dqrow = dqp + (b * S * H + h) * D;

@@ -424,3 +424,25 @@ def test_foresight_attention_attn_dropout_falls_back_in_training():
     assert train_out.shape == eval_out.shape and not torch.allclose(train_out, eval_out)
     with pytest.raises(ValueError, match="must divide n_head"):
         mk.ForesightAttention(32, 4, 3)
+
+
+@pytest.mark.parametrize("face", FAST)
+def test_broadcast_inputs_and_upstream_grads(face):
+    """Stride-0 (expanded) rows in q and in the upstream gradients are read correctly."""
+    batch, seqlen, nheads, head_dim = 2, 19, 2, 16
+    q_row = torch.randn(1, 1, nheads, head_dim, requires_grad=True)
+    q = q_row.expand(batch, seqlen, nheads, head_dim)  # every query row the same
+    k, v = (torch.randn(batch, seqlen, nheads, head_dim, requires_grad=True) for _ in range(2))
+    up_c = torch.randn(head_dim).expand(batch, seqlen, nheads, head_dim)  # stride 0 except the last dim
+    up_b = torch.randn(batch, seqlen, nheads, head_dim)
+    out_c, out_b = mk.dual_attention(q, k, v, backend=face)
+    g = torch.autograd.grad((out_c, out_b), (q_row, k, v), (up_c, up_b))
+    r_c, r_b, _, _ = ref.dual_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(out_c.double(), r_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_b.double(), r_b, atol=1e-5, rtol=1e-5)
+    q64 = q_row.detach().double().requires_grad_()
+    k64, v64 = (t.detach().double().requires_grad_() for t in (k, v))
+    r_c, r_b, _, _ = ref.dual_attention(q64.expand(batch, seqlen, nheads, head_dim), k64, v64)
+    g64 = torch.autograd.grad((r_c, r_b), (q64, k64, v64), (up_c.double(), up_b.double()))
+    for a, b in zip(g, g64):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
