@@ -1,12 +1,16 @@
 """Sampling: class prefix -> H*W image tokens through the GPT's static KV cache.
 
-A straight line: allocate caches, prefill the class prefix (with classifier-free guidance the batch is doubled:
-real labels, then the null class), then one cached decode step per token, each followed by guided, filtered
-sampling. Sampling state lives on the device (the ``generator``), so the loop has no host synchronisation.
+A straight line: allocate static caches for every layer, prefill the class prefix (with classifier-free guidance
+the batch is doubled: real labels, then the null class), then one decode step per token — cached forward of the
+new token, guidance, filtered sampling, cache length advanced — all on the device: no host synchronisation, the
+random stream in device state (:class:`DeviceRNG`, seeded from the ``generator``). On a GPU that whole step is captured once in a CUDA graph and
+replayed ``H*W - 1`` times (gpt-fast style), so launch and Python overhead vanish; on CPU it runs eagerly (and
+``torch.compile(decode_step, fullgraph=True)`` traces it, the stand-in check that it has no host syncs).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -20,25 +24,117 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        probs = sorted_logits.softmax(-1)
         # Drop a token when the tokens strictly before it already reach top_p (the first one always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """An integer mixing function on int64 tensors holding 32-bit values (products stay below 2^63)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+class DeviceRNG:
+    """A counter-based random stream whose whole state is two device tensors (key, counter): drawing is plain
+    tensor arithmetic, so it is CUDA-graph capturable and traceable by torch.compile (a ``torch.Generator`` is
+    neither), and reproducible from its seed on any device."""
+
+    def __init__(self, seed: int, device):
+        self.key = torch.tensor(seed & _MASK32, dtype=torch.int64, device=device)
+        self.counter = torch.zeros((), dtype=torch.int64, device=device)
+
+    def uniform(self, shape) -> torch.Tensor:
+        """fp32 uniform samples in (0, 1); advances the stream."""
+        self.counter += 1
+        index = torch.arange(torch.Size(shape).numel(), device=self.key.device).view(shape)
+        bits = _hash32(index ^ _hash32(self.key ^ _hash32(self.counter & _MASK32)))
+        return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """(B, V) fp32 logits -> (B,) int64 tokens. temperature 0 = greedy."""
+                rng: Optional[DeviceRNG]) -> torch.Tensor:
+    """(B, V) fp32 logits -> (B,) int64 tokens: a draw from softmax(filtered logits / temperature) by the
+    Gumbel-max trick on ``rng``'s uniforms. temperature 0 = greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    gumbel = -torch.log(-torch.log(rng.uniform(logits.shape)))
+    return (filter_logits(logits / temperature, top_k, top_p) + gumbel).argmax(-1)
+
+
+def seed_from(generator: Optional[torch.Generator]) -> int:
+    """A seed for :class:`DeviceRNG` drawn (once, before decoding) from ``generator`` or torch's global RNG."""
+    if generator is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)))
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+
+
+class DecodeStep:
+    """One sampling step over static buffers: ``step_tokens`` (B2, 1) in, logits -> guided sample -> ``next_tokens``
+    (B,) out, ``step_tokens`` refilled and ``cache_seqlens`` advanced in place. Every tensor it touches is
+    allocated once, which is what lets a CUDA graph replay it."""
+
+    def __init__(self, model, batch: int, guided: bool, cfg_scale: float, sampling: dict, device):
+        self.model, self.batch, self.guided, self.cfg_scale, self.sampling = model, batch, guided, cfg_scale, sampling
+        rows = 2 * batch if guided else batch
+        self.step_tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.cache_seqlens = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.next_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def guide(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.guided:
+            return logits
+        cond_logits, uncond_logits = logits.chunk(2)
+        return uncond_logits + self.cfg_scale * (cond_logits - uncond_logits)
+
+    def sample(self, logits: torch.Tensor) -> None:
+        """Sample from (B2, V) logits into ``next_tokens`` and ``step_tokens`` (both CFG halves get the token)."""
+        self.next_tokens.copy_(sample_next(self.guide(logits), **self.sampling))
+        self.step_tokens.copy_(self.next_tokens.repeat(2 if self.guided else 1)[:, None])
+
+    def prefill(self, cond_labels: torch.Tensor) -> None:
+        self.sample(self.model.decode_step(None, cond_labels, self.cache_seqlens))
+        self.cache_seqlens += self.model.config.cls_token_num
+
+    def __call__(self) -> None:
+        logits = self.model.decode_step(self.step_tokens, None, self.cache_seqlens)
+        self.cache_seqlens += 1
+        self.sample(logits)
+
+
+def _capture(step: DecodeStep):
+    """``step`` captured in a CUDA graph; returns its replay, or None (with a warning) when capture fails."""
+    try:
+        seqlens, counter = step.cache_seqlens.clone(), step.sampling["rng"].counter.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy init and kernel compilation happen outside the capture
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        step.cache_seqlens.copy_(seqlens)  # the warm-up's cache writes land on rows the real steps overwrite
+        step.sampling["rng"].counter.copy_(counter)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        step.cache_seqlens.copy_(seqlens)
+        step.sampling["rng"].counter.copy_(counter)  # the replays draw what the eager steps would have drawn
+        return graph.replay
+    except Exception as exc:  # a host sync somewhere in the step: fall back to eager, loudly
+        warnings.warn(f"CUDA graph capture of the decode step failed ({type(exc).__name__}: {exc}); "
+                      "decoding eagerly")
+        return None
 
 
 @torch.no_grad()
 def generate(model, labels: torch.Tensor, *, cfg_scale: float, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+             cuda_graph: Optional[bool] = None) -> torch.Tensor:
     """Sample ``H*W`` image tokens per label.
 
     Arguments:
@@ -47,7 +143,9 @@ def generate(model, labels: torch.Tensor, *, cfg_scale: float, temperature: floa
         cfg_scale: classifier-free guidance scale; ``> 1`` doubles the batch (cond + null class) and samples from
             ``uncond + cfg_scale * (cond - uncond)``; ``1`` samples the conditional model alone.
         temperature, top_k, top_p: sampling filters (LlamaGen defaults: 1.0, off, off); temperature 0 = greedy.
-        generator: the random stream (a ``torch.Generator`` on the model's device) for reproducible samples.
+        generator: seeds the sampler (one draw, before decoding) for reproducible samples; the per-step randomness
+            is a :class:`DeviceRNG` on the model's device (graph- and compile-safe).
+        cuda_graph: capture the decode step in a CUDA graph (default: on for CUDA models).
     Return:
         tokens: ``(B, H*W)`` int64, raster order.
     """
@@ -57,26 +155,19 @@ def generate(model, labels: torch.Tensor, *, cfg_scale: float, temperature: floa
     labels = labels.to(device)
     guided = cfg_scale > 1.0
     cond = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
-    batch = cond.shape[0]
-    model.setup_caches(batch)
-    cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
-
-    def guide(logits):
-        if not guided:
-            return logits
-        cond_logits, uncond_logits = logits.chunk(2)
-        return uncond_logits + cfg_scale * (cond_logits - uncond_logits)
-
-    logits = model.decode_step(None, cond, cache_seqlens)
-    cache_seqlens += config.cls_token_num
+    model.setup_caches(cond.shape[0])
+    step = DecodeStep(model, labels.shape[0], guided, cfg_scale,
+                      dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                           rng=DeviceRNG(seed_from(generator), device)), device)
     tokens = torch.empty(labels.shape[0], config.block_size, dtype=torch.long, device=device)
-    for i in range(config.block_size):
-        tokens[:, i] = sample_next(guide(logits), temperature=temperature, top_k=top_k, top_p=top_p,
-                                   generator=generator)
-        if i + 1 == config.block_size:
-            break
-        step_tokens = tokens[:, i: i + 1].repeat(2, 1) if guided else tokens[:, i: i + 1]
-        logits = model.decode_step(step_tokens, None, cache_seqlens)
-        cache_seqlens += 1
+
+    step.prefill(cond)
+    tokens[:, 0] = step.next_tokens
+    run = step
+    if config.block_size > 1 and (cuda_graph if cuda_graph is not None else device.type == "cuda"):
+        run = _capture(step) or step
+    for i in range(1, config.block_size):
+        run()
+        tokens[:, i] = step.next_tokens
     model.clear_caches()
     return tokens
