@@ -109,8 +109,13 @@ void cos_fwd_kernel(const at::Tensor& proj, const at::Tensor& targets, const at:
 }
 
 template <typename scalar_t>
+//
+// Fused-op extras: cos_out (when non-null) also receives the cosines; inv_t_in (when non-null) holds the targets'
+// 1/max(|t|, eps), shared by the heads; bias (when non-null, Z values) is added to every proj row (s = p + bias) so the
+// projection GEMM needs no bias pass.
 void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at::Tensor& targets,
-                    const at::Tensor& tpos, at::Tensor& grad, at::opmath_type<scalar_t>* cos_out = nullptr) {
+                    const at::Tensor& tpos, at::Tensor& grad, at::opmath_type<scalar_t>* cos_out = nullptr,
+                    const at::opmath_type<scalar_t>* inv_t_in = nullptr, const scalar_t* bias = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = proj.size(0), N = proj.size(1), K = proj.size(2), Z = proj.size(3);
   const int64_t spb = proj.stride(0), spn = proj.stride(1), spk = proj.stride(2);
@@ -121,8 +126,11 @@ void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at
   const acc_t* g = grad_cos.const_data_ptr<acc_t>();
   const int32_t* tp = tpos.const_data_ptr<int32_t>();
   scalar_t* out = grad.mutable_data_ptr<scalar_t>();
-  const auto inv_t = target_inv_norms<scalar_t, acc_t>(targets);
+  std::vector<acc_t> inv_t_own;
+  if (inv_t_in == nullptr) inv_t_own = target_inv_norms<scalar_t, acc_t>(targets);
+  const acc_t* inv_t = inv_t_in ? inv_t_in : inv_t_own.data();
   at::parallel_for(0, B * N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * Z)), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> srow(bias ? Z : 0);
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = r / N, n = r % N;
       for (int64_t k = 0; k < K; ++k) {
@@ -137,10 +145,19 @@ void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at
         const scalar_t* s = p + b * spb + n * spn + k * spk;
         const scalar_t* tr = t + b * stb + q * stn;
         acc_t dot = 0, ss = 0;
-        for (int64_t z = 0; z < Z; ++z) {
-          const acc_t sv = acc_t(s[z]);
-          dot += sv * acc_t(tr[z]);
-          ss += sv * sv;
+        if (bias) {
+          for (int64_t z = 0; z < Z; ++z) {
+            const acc_t sv = acc_t(s[z]) + acc_t(bias[z]);
+            srow[z] = sv;
+            dot += sv * acc_t(tr[z]);
+            ss += sv * sv;
+          }
+        } else {
+          for (int64_t z = 0; z < Z; ++z) {
+            const acc_t sv = acc_t(s[z]);
+            dot += sv * acc_t(tr[z]);
+            ss += sv * sv;
+          }
         }
         const acc_t norm_s = std::sqrt(ss);
         const acc_t inv_s = acc_t(1) / std::max(norm_s, acc_t(kEps));
@@ -151,7 +168,11 @@ void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at
         // left.
         const acc_t a = gk * it * inv_s;
         const acc_t bcoef = norm_s >= acc_t(kEps) ? gk * c * inv_s * inv_s : acc_t(0);
-        for (int64_t z = 0; z < Z; ++z) o[z] = scalar_t(a * acc_t(tr[z]) - bcoef * acc_t(s[z]));
+        if (bias) {
+          for (int64_t z = 0; z < Z; ++z) o[z] = scalar_t(a * acc_t(tr[z]) - bcoef * srow[z]);
+        } else {
+          for (int64_t z = 0; z < Z; ++z) o[z] = scalar_t(a * acc_t(tr[z]) - bcoef * acc_t(s[z]));
+        }
       }
     }
   });
@@ -171,7 +192,8 @@ at::Tensor foresight_cos_fwd_cpu(const at::Tensor& proj, const at::Tensor& targe
 // cos_out: when given, a contiguous (B, N, K) accumulation-type tensor that also receives the cosines (the fused
 // op's forward needs both, and one pass over s and t gives both).
 at::Tensor cos_bwd_impl(const at::Tensor& grad_cos, const at::Tensor& proj, const at::Tensor& targets,
-                        const at::Tensor& tpos, at::Tensor* cos_out) {
+                        const at::Tensor& tpos, at::Tensor* cos_out, const at::Tensor* inv_t = nullptr,
+                        const at::Tensor* bias = nullptr) {
   check_cos_inputs(proj, targets, tpos);
   check_tpos_range(tpos, proj.size(1));
   const auto acc = proj.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -184,9 +206,12 @@ at::Tensor cos_bwd_impl(const at::Tensor& grad_cos, const at::Tensor& proj, cons
   if (grad.numel() == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, proj.scalar_type(), "foresight_cos_bwd_cpp",
                                   [&] {
+                                    using acc_t = at::opmath_type<scalar_t>;
                                     cos_bwd_kernel<scalar_t>(
                                         g, proj, targets, tpos, grad,
-                                        cos_out ? cos_out->mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr);
+                                        cos_out ? cos_out->mutable_data_ptr<acc_t>() : nullptr,
+                                        inv_t ? inv_t->const_data_ptr<acc_t>() : nullptr,
+                                        bias ? bias->const_data_ptr<scalar_t>() : nullptr);
                                   });
   return grad;
 }
@@ -241,42 +266,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
   }
   if (B * N * K == 0) return {per_head, gx, gw.to(x.scalar_type()), gb.to(x.scalar_type())};
   const auto counts = (tpos >= 0).sum(0).to(acc) * double(B);
+  std::vector<at::Tensor> tks, biases;
   for (int64_t k = 0; k < K; ++k) {
-    const auto tk = tpos.select(1, k).unsqueeze(1).contiguous();
-    const auto wk = weight.select(0, k);
-    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
-      const int64_t b1 = std::min(B, b0 + chunk), bc = b1 - b0;
+    tks.push_back(tpos.select(1, k).unsqueeze(1).contiguous());
+    if (bias.has_value()) biases.push_back(bias->select(0, k).contiguous());
+  }
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t b1 = std::min(B, b0 + chunk), bc = b1 - b0;
+    const auto tch = targets.slice(0, b0, b1);
+    // The targets' inverse norms, shared by the K heads.
+    const auto inv_t = at::linalg_vector_norm(tch.to(acc), 2, {-1}).clamp_min(kEps).reciprocal().contiguous();
+    for (int64_t k = 0; k < K; ++k) {
+      const auto& tk = tks[k];
+      const auto wk = weight.select(0, k);
       const auto xin = x.slice(0, b0, b1).select(2, k).reshape({bc * N, H});
       // With silu_input the chunk's activation is made here and dropped after use: the caller never stores it.
       const auto xk = silu_input ? at::silu(xin) : xin;
-      auto p = bias.has_value() ? at::addmm(bias->select(0, k), xk, wk.t()) : at::mm(xk, wk.t());
-      p = p.view({bc, N, 1, Z});
-      const auto tch = targets.slice(0, b0, b1);
       if (!compute_grad) {
-        per_head.select(0, k).sub_(foresight_cos_fwd_cpu(p, tch, tk).sum());
-      } else {
-        auto c = at::empty({bc, N, 1}, x.options().dtype(acc));
-        const auto dp = cos_bwd_impl(at::full_like(c, -1.0), p, tch, tk, &c).view({bc * N, Z});
-        per_head.select(0, k).sub_(c.sum());
-        // dp is the gradient of -sum(cos); the GEMMs' alpha applies grad_scale[k] for free (beta = 0: the
-        // uninitialised output is not read).
-        const double sk = grad_scale[k];
-        auto out = gx_heads.select(0, k).slice(0, b0, b1).view({bc * N, H});
-        if (silu_input) {
-          at::silu_backward_out(out, at::mm(dp, wk).mul_(sk), xin);
-        } else {
-          out.addmm_(dp, wk, /*beta=*/0, /*alpha=*/sk);
-        }
-        auto gwk = gw.select(0, k);
-        if (gw.scalar_type() == x.scalar_type()) {
-          gwk.addmm_(dp.t(), xk, /*beta=*/b0 == 0 ? 0 : 1, /*alpha=*/sk);
-        } else if (b0 == 0) {
-          gwk.copy_(at::mm(dp.t(), xk).mul_(sk));
-        } else {
-          gwk.add_(at::mm(dp.t(), xk).to(acc), sk);
-        }
-        gb.select(0, k).add_(dp.sum(0, /*keepdim=*/false, acc), sk);
+        auto p = bias.has_value() ? at::addmm(biases[k], xk, wk.t()) : at::mm(xk, wk.t());
+        per_head.select(0, k).sub_(foresight_cos_fwd_cpu(p.view({bc, N, 1, Z}), tch, tk).sum());
+        continue;
       }
+      // The bias is added inside the cosine kernel (no broadcast copy before the GEMM).
+      const auto p = at::mm(xk, wk.t()).view({bc, N, 1, Z});
+      auto c = at::empty({bc, N, 1}, x.options().dtype(acc));
+      const auto dp = cos_bwd_impl(at::full_like(c, -1.0), p, tch, tk, &c, &inv_t,
+                                   bias.has_value() ? &biases[k] : nullptr)
+                          .view({bc * N, Z});
+      per_head.select(0, k).sub_(c.sum());
+      // dp is the gradient of -sum(cos); the GEMMs' alpha applies grad_scale[k] for free (beta = 0: the
+      // uninitialised output is not read).
+      const double sk = grad_scale[k];
+      auto out = gx_heads.select(0, k).slice(0, b0, b1).view({bc * N, H});
+      if (silu_input) {
+        at::silu_backward_out(out, at::mm(dp, wk).mul_(sk), xin);
+      } else {
+        out.addmm_(dp, wk, /*beta=*/0, /*alpha=*/sk);
+      }
+      auto gwk = gw.select(0, k);
+      if (gw.scalar_type() == x.scalar_type()) {
+        gwk.addmm_(dp.t(), xk, /*beta=*/b0 == 0 ? 0 : 1, /*alpha=*/sk);
+      } else if (b0 == 0) {
+        gwk.copy_(at::mm(dp.t(), xk).mul_(sk));
+      } else {
+        gwk.add_(at::mm(dp.t(), xk).to(acc), sk);
+      }
+      gb.select(0, k).add_(dp.sum(0, /*keepdim=*/false, acc), sk);
     }
   }
   per_head.div_(counts.clamp_min(1));
