@@ -21,6 +21,12 @@ Providers, all on the same inputs:
 
 GB/s counts the bytes a step must move: the K and V rows 0 .. L_b (read), q, k_new, v_new (read) and out (written);
 SDPA over the full static cache reads more than that, so its GB/s is an "effective" figure.
+
+End to end (``--e2e``; on by default): sampling ``H*W`` tokens with CFG 2.0 from a LlamaGen GPT (``--e2e-model``,
+GPT-B on GPU, tiny on CPU; random weights, the output layer perturbed off zero) — our sampler
+(``models.generate.generate``: static KV cache, ``decode_attention``, the step CUDA-graph-captured on GPU) vs an
+eager LlamaGen-style loop (per-step Python, a KV cache grown with ``torch.cat``, SDPA, ``torch.multinomial``).
+Reports ms per image batch, us per step, images/s and GB/s (weights + the average KV bytes per step).
 """
 
 from __future__ import annotations
@@ -70,6 +76,13 @@ def main(argv=None):
     parser.add_argument("--num-splits", type=int, default=0, help="0 = each face's heuristic")
     parser.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: fp32 CPU, fp16 GPU)")
     parser.add_argument("--no-graph", action="store_true", help="GPU: do not add the CUDA-graph-replayed providers")
+    parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time end-to-end sampling (ours vs an eager LlamaGen-style loop)")
+    parser.add_argument("--e2e-model", default=None, help="GPT preset (default: B on GPU, tiny on CPU)")
+    parser.add_argument("--e2e-grid", type=int, default=None, help="token grid side (default: 16 GPU, 8 CPU)")
+    parser.add_argument("--e2e-batch", type=int, nargs="+", default=None, help="images (default: 8 32 64 GPU, 4 CPU)")
+    parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the decode attention kernels")
     args = parser.parse_args(argv)
     device = setup_from_args(args)
     on_gpu = device.type == "cuda"
@@ -152,13 +165,99 @@ def main(argv=None):
                 providers[f"{name}[graph]"] = capture(providers[name])
         return providers
 
-    with torch.inference_mode():
-        results = run_cases(cases, make_providers, baseline="sdpa_over_cache", device=device, args=args)
+    results = []
+    if args.kernels:
+        with torch.inference_mode():
+            results += run_cases(cases, make_providers, baseline="sdpa_over_cache", device=device, args=args)
+    if args.e2e:
+        results += end_to_end(args, device, dtype)
     write_json(args.json, "decode_bench", args, device, results, notes={
+        "e2e": "end-to-end sampling with CFG 2.0 (batch doubled); GB/s = (weights + mean KV bytes) per step",
         "bytes": "per call: all layers' K/V rows 0..L_b read + q, k_new, v_new read + out written",
         "copy_same_bytes": "device copy of bytes/2 (read + write = bytes): bandwidth ceiling in the same run",
         "baseline": "SDPA over the whole static (B, H, S_max, D) cache with a validity mask, scatter_ append",
     })
+    return results
+
+
+@torch.no_grad()
+def eager_llamagen_generate(model, labels, cfg_scale, generator):
+    """The baseline sampler: LlamaGen-style eager decoding with a dynamic cache (``torch.cat`` per step), one
+    Python iteration per token and per layer, SDPA, ``torch.multinomial``."""
+    import torch.nn.functional as F
+
+    config = model.config
+    cond = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    x = model.cls_embedding(cond, train=False)
+    caches = [None] * len(model.layers)
+    tokens = []
+    for pos in range(config.block_size):
+        positions = torch.arange(pos if pos else 0, pos + x.shape[1], device=x.device, dtype=torch.int32)
+        for i, layer in enumerate(model.layers):
+            attn = layer.attention
+            h = layer.attention_norm(x)
+            q, k, v = attn.wqkv(h).split([attn.dim, attn.kv_dim, attn.kv_dim], dim=-1)
+            q = rope_eager(q.view(*q.shape[:2], attn.n_head, attn.head_dim), model.rope_table, positions)
+            k = rope_eager(k.view(*k.shape[:2], attn.n_kv_head, attn.head_dim), model.rope_table, positions)
+            v = v.view(*v.shape[:2], attn.n_kv_head, attn.head_dim)
+            if caches[i] is not None:
+                k, v = torch.cat([caches[i][0], k], 1), torch.cat([caches[i][1], v], 1)
+            caches[i] = (k, v)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 enable_gqa=attn.n_head != attn.n_kv_head)
+            x = x + attn.wo(out.transpose(1, 2).reshape(*x.shape[:2], -1))
+            x = x + layer.feed_forward(layer.ffn_norm(x))
+        logits = model.output(model.norm(x[:, -1])).float()
+        cond_logits, uncond_logits = logits.chunk(2)
+        probs = (uncond_logits + cfg_scale * (cond_logits - uncond_logits)).softmax(-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)
+        tokens.append(nxt)
+        x = model.tok_embeddings(nxt.repeat(2, 1))
+    return torch.cat(tokens, 1)
+
+
+def end_to_end(args, device, dtype):
+    from models.generate import generate
+    from models.gpt import build_gpt
+
+    on_gpu = device.type == "cuda"
+    preset = args.e2e_model or ("B" if on_gpu else "tiny")
+    side = args.e2e_grid or (16 if on_gpu else 8)
+    torch.manual_seed(0)
+    model = build_gpt(preset, grid=side, vocab_size=16384, num_classes=1000)
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.02)  # LlamaGen zero-inits it; sampled tokens should vary
+    model = model.to(device=device, dtype=dtype).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = model.config
+    n_steps = cfg.block_size
+    cases = []
+    for batch in args.e2e_batch or ([8, 32, 64] if on_gpu else [4]):
+        mean_kv_rows = 2 * batch * (cfg.cls_token_num + n_steps / 2)  # CFG doubles the batch
+        kv_bytes = 2 * cfg.n_layer * mean_kv_rows * cfg.dim * dtype.itemsize
+        cases.append(Case(
+            name=f"sample GPT-{preset} {side}x{side} B={batch} cfg=2.0",
+            params=dict(preset=preset, grid=side, batch=batch, steps=n_steps, dtype=str(dtype)),
+            bytes=n_steps * (weight_bytes + kv_bytes),
+        ))
+
+    def make_providers(case):
+        labels = torch.arange(case.params["batch"], device=device) % 1000
+        gen = torch.Generator(device=device)
+        return {
+            "eager_llamagen_dynamic": lambda: eager_llamagen_generate(model, labels, 2.0, gen.manual_seed(0)),
+            "mirai_sampler": lambda: generate(model, labels, cfg_scale=2.0, generator=gen.manual_seed(0)),
+        }
+
+    results = run_cases(cases, make_providers, baseline="eager_llamagen_dynamic", device=device, args=args)
+    for row in results:
+        for entry in row["providers"].values():
+            if "ms" in entry:
+                entry["us_per_step"] = entry["ms"] * 1e3 / row["params"]["steps"]
+                entry["images_per_s"] = row["params"]["batch"] / (entry["ms"] * 1e-3)
+        print(f"  {row['case']}: " + ", ".join(
+            f"{name} {e['us_per_step']:.0f} us/step {e['images_per_s']:.1f} img/s"
+            for name, e in row["providers"].items() if "us_per_step" in e))
     return results
 
 
