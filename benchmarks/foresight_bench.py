@@ -169,7 +169,8 @@ def main(argv=None):
                                 boundary=args.boundary, head_weights=weights, hidden=hidden,
                                 depth=args.depth).to(device)
         mlps = torch.nn.ModuleList(module.head_mlps())
-        param_storages.update(p.untyped_storage().data_ptr() for p in list(module.parameters()) + list(mlps.parameters()))
+        params = list(module.parameters()) + list(mlps.parameters())
+        param_storages.update(p.untyped_storage().data_ptr() for p in params)
         h = torch.randn(batch, seqlen, d_model, device=device, requires_grad=True)
         targets = torch.randn(batch, seqlen, z_dim, device=device)
         lowp = dtype in (torch.float16, torch.bfloat16)
@@ -258,8 +259,9 @@ def main(argv=None):
                 for key in ("saved_bytes", "saved_nonparam_bytes", "peak_bytes"):
                     if key in entry and base_entry.get(key):
                         entry[key.replace("_bytes", "_ratio_vs_baseline")] = entry[key] / base_entry[key]
-            print("  memory ratios vs", baseline, {n: {k: round(v, 3) for k, v in e.items() if k.endswith("ratio_vs_baseline")}
-                                                   for n, e in row["providers"].items() if "ms" in e})
+            ratios = {n: {k: round(v, 3) for k, v in e.items() if k.endswith("ratio_vs_baseline")}
+                      for n, e in row["providers"].items() if "ms" in e}
+            print("  memory ratios vs", baseline, ratios)
         results += rows
     write_json(args.json, "foresight_bench", args, device, results, notes={
         "timing": "forward + backward (grads w.r.t. inputs and weights), median",

@@ -7,13 +7,13 @@
 // cos(s, t) = <s, t> / (max(|s|, eps) max(|t|, eps)), eps = 1e-6, as mirai_kernels/reference/foresight.py.
 //
 // mirai::fused_linear_cos_cpp: the foresight heads' last Linear (optionally preceded by a SiLU on x: silu_input)
-// fused with the cosine, gradients computed in the
-// forward pass (measured faster than a chunked recompute in backward, for about the same saved bytes; see
-// mirai_kernels/ops/foresight.py). x (B, N, K, H), weight (K, Z, H), bias (K, Z) or None, targets (B, N, Z), tpos.
-// Returns per_head (K,) fp32/fp64 = -mean over (batch, valid pairs) of cos, and, when compute_grad, the gradients
-// of grad_scale[k] * (-sum(cos)) per head k, all in x's dtype: grad_x (B, N, K, H) (a permuted view of a (K, B, N, H) buffer),
-// grad_weight (K, Z, H) and grad_bias (K, Z) (empty tensors otherwise). grad_scale[k] is the expected upstream
-// gradient of per_head[k] over B * pairs_k; the autograd formula (Python) rescales only when the real one differs.
+// fused with the cosine, gradients computed in the forward pass (measured faster than a chunked recompute in
+// backward, for about the same saved bytes; see mirai_kernels/ops/foresight.py). x (B, N, K, H), weight (K, Z, H),
+// bias (K, Z) or None, targets (B, N, Z), tpos. Returns per_head (K,) fp32/fp64 = -mean over (batch, valid pairs)
+// of cos, and, when compute_grad, the gradients of grad_scale[k] * (-sum(cos)) per head k, all in x's dtype:
+// grad_x (B, N, K, H) (a permuted view of a (K, B, N, H) buffer), grad_weight (K, Z, H) and grad_bias (K, Z)
+// (empty tensors otherwise). grad_scale[k] is the expected upstream gradient of per_head[k] over B * pairs_k; the
+// autograd formula (Python) rescales only when the real one differs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -86,7 +86,8 @@ def test_grid_to_sequence_pairs_state_with_its_cell():
     assert table[:, 0].tolist() == [-1] + list(range(1, 9))
 
 
-@pytest.mark.parametrize("offsets,grid,prefix", [(NINE_RASTER, 16, 1), (NINE_DYDX, (24, 24), 1), ([0, 5, 3], (3, 7), 2)])
+@pytest.mark.parametrize("offsets,grid,prefix",
+                         [(NINE_RASTER, 16, 1), (NINE_DYDX, (24, 24), 1), ([0, 5, 3], (3, 7), 2)])
 def test_matches_paper_code_formulation(offsets, grid, prefix):
     """The paper code's slice + cat-prefix + normalize + mean, written independently of the pairing table."""
     n = seq_len(grid, prefix)
@@ -264,7 +265,9 @@ def test_fused_linear_matches_fp64(face, dtype, case):
     assert tf.grad is None, "targets must get no gradient"
 
     assert_close_fa(per_head, ph_ref, ph_pt, floor=1e-12 if dtype == torch.float64 else 1e-6, name="per_head")
-    pairs = [("grad_x", xf, xr, xp), ("grad_weight", wf, wr, wp)] + ([("grad_bias", bf, br, bp)] if bf is not None else [])
+    pairs = [("grad_x", xf, xr, xp), ("grad_weight", wf, wr, wp)]
+    if bf is not None:
+        pairs.append(("grad_bias", bf, br, bp))
     for name, got, want, pt in pairs:
         assert got.grad.dtype == dtype and got.grad.shape == got.shape, name
         assert_close_fa(got.grad, want.grad, pt.grad, factor=3.0, name=name)

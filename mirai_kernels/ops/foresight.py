@@ -11,16 +11,23 @@ Faces (pattern of :mod:`mirai_kernels.ops.rope`):
   the bwd op), with no gradient to the targets.
 * ``fused_linear_cosine_loss``: ``fused_linear_cos_<face>(x, weight, bias, targets, tpos, compute_grad,
   silu_input, chunk_rows, grad_scale) -> (per_head, grad_x, grad_weight, grad_bias)`` (the gradients in x's
-  dtype, for the upstream gradient ``grad_scale[k] * B * pairs_k`` of ``per_head[k]``). The heads' last ``Linear(hidden -> Z)`` runs per foresight head in
-  chunks of whole sequences (cuBLAS / MKL GEMMs), followed by the cosine kernels on each chunk's projection, which is
-  then dropped. **Gradients are computed in the forward pass** (the fused-linear-loss pattern) and scaled per head
-  by the upstream gradient in backward: exact for any upstream ``(K,)`` gradient, since each head's projection only
-  reaches its own ``per_head[k]``. Chosen by measurement against a chunked recompute in backward (CPU, fp32,
-  B=4, N=256, K=3, hidden=2048, Z=768, fwd+bwd): gradients-in-forward 96 ms, saved 44.0 MB (grad_x + grad_weight);
-  recompute 126 ms, saved 47.2 MB (x, weight, targets); eager 152 ms, 71.7 MB; at B=8: 585-610 / 728-763 /
-  1039-1347 ms and 69 / 76 / 125 MB. The recompute does one more GEMM per head; the stored grad_x has x's size,
-  and x itself is then no longer saved, so the memory cost over recompute is grad_weight (K*Z*hidden fp32). Under
-  ``no_grad`` (or when nothing requires grad) only the loss is computed.
+  dtype, for the upstream gradient ``grad_scale[k] * B * pairs_k`` of ``per_head[k]``). The heads' last
+  ``Linear(hidden -> Z)`` runs per foresight head in chunks of whole sequences (cuBLAS / MKL GEMMs), followed by
+  the cosine kernels on each chunk's projection, which is then dropped. **Gradients are computed in the forward
+  pass** (the fused-linear-loss pattern) and scaled per head by the upstream gradient in backward: exact for any
+  upstream ``(K,)`` gradient, since each head's projection only reaches its own ``per_head[k]``. The gradients are
+  computed for the *expected* upstream (``head_weights``; the GEMMs' alpha applies it for free); backward returns
+  them untouched when the real upstream matches (checked on CPU only, where reading it costs no sync) and
+  rescales them (one pass, fp32 math) otherwise.
+
+  Chosen by measurement against a chunked recompute in backward (projection recomputed chunk by chunk from a saved
+  x: one more GEMM per head). CPU, fp32, 2 threads on a shared, loaded 2-core machine, B=4, N=255, K=3,
+  hidden=2048, Z=768, forward+backward, min of 5 interleaved runs (``benchmarks/foresight_bench.py`` providers
+  ``mirai_cpp`` / ``recompute_cpp`` / ``eager``): gradients-in-forward 335-415 ms, recompute 488-700 ms, eager
+  487-1257 ms. Saved-tensor bytes at GPT-B's B=32 (fp32 / bf16 alike, parameters excluded): gradients-in-forward
+  0.63x eager, recompute 0.65x (it keeps x and the targets; the stored grad_x has x's size and x itself is then not
+  saved; the weight gradient is kept in x's dtype). Under ``no_grad`` (or when nothing requires grad) only the
+  loss is computed.
 
 Autocast: no autocast rule; ``targets`` must have ``proj``'s (``x``'s) dtype (cast the teacher's fp32 state),
 cosines are computed in fp32 (fp64 for fp64 inputs), losses are fp32 (fp64).
