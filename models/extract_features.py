@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .dinov2 import DinoV2, imagenet_preprocess
 
 __all__ = ["list_images", "load_image", "center_crop_arr", "five_crop", "ten_crop", "llamagen_crops",
-           "crop_features", "extract", "main"]
+           "crop_features", "encode_crops", "extract", "main"]
 
 # torchvision's ImageFolder extensions (lower-cased match), plus .npy for machines without Pillow.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -178,21 +178,48 @@ def llamagen_crops(image, image_size: int = 256, num_crops: int = 10, crop_range
 
 
 @torch.no_grad()
+def encode_crops(encoder: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor, *, encoder_size: int = 224,
+                 batch_size: int = 10, device="cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``crops (C, 3, S, S)`` in [-1, 1] -> ``(C, N, Z)`` fp32 features on the CPU, ``batch_size`` crops per call;
+    resizing and ImageNet normalisation run on ``device``. ``dtype``: autocast dtype on CUDA (CPU: fp32)."""
+    out = []
+    for chunk in crops.split(batch_size):
+        x = imagenet_preprocess(chunk.to(device, non_blocking=True), encoder_size)
+        if dtype != torch.float32 and torch.device(device).type == "cuda":
+            with torch.autocast("cuda", dtype=dtype):
+                out.append(encoder(x).float().cpu())
+        else:
+            out.append(encoder(x).float().cpu())
+    return torch.cat(out)
+
+
 def crop_features(encoder: Callable[[torch.Tensor], torch.Tensor], image, *, image_size: int = 256,
                   num_crops: int = 10, crop_range: float = 1.1, encoder_size: int = 224, batch_size: int = 10,
                   device="cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(A, N, Z)`` encoder features of the crops of one image (:func:`llamagen_crops` order). ``encoder`` maps
     ImageNet-normalised ``(B, 3, encoder_size, encoder_size)`` images to ``(B, N, Z)``."""
     crops = llamagen_crops(image, image_size, num_crops, crop_range)
-    out = []
-    for chunk in crops.split(batch_size):
-        x = imagenet_preprocess(chunk, encoder_size).to(device)
-        if dtype != torch.float32 and torch.device(device).type == "cuda":  # CPU: always fp32
-            with torch.autocast("cuda", dtype=dtype):
-                out.append(encoder(x).float().cpu())
-        else:
-            out.append(encoder(x).float().cpu())
-    return torch.cat(out)
+    return encode_crops(encoder, crops, encoder_size=encoder_size, batch_size=batch_size, device=device, dtype=dtype)
+
+
+def _as_list(items):
+    return items
+
+
+class _CropSet(torch.utils.data.Dataset):
+    """File index -> (index, its image's crops); runs in DataLoader workers so decoding and cropping overlap the
+    encoder."""
+
+    def __init__(self, images, indices, image_size, num_crops, crop_range):
+        self.images, self.indices = list(images), list(indices)
+        self.args = (image_size, num_crops, crop_range)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = self.indices[j]
+        return i, llamagen_crops(load_image(self.images[i % len(self.images)]), *self.args)
 
 
 def _save_atomic(path: str, arr: np.ndarray) -> None:
@@ -214,40 +241,50 @@ def extract(encoder: Callable[[torch.Tensor], torch.Tensor], images: Sequence[st
             count: Optional[int] = None, start: int = 0, image_size: int = 256, num_crops: int = 10,
             crop_range: float = 1.1, encoder_size: int = 224, expected_tokens: Optional[int] = None,
             labels: Optional[Sequence[int]] = None, labels_dir: Optional[str] = None, batch_size: int = 10,
-            device="cpu", dtype: torch.dtype = torch.float32, overwrite: bool = False,
-            progress: bool = True) -> int:
+            images_per_step: int = 1, num_workers: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
+            overwrite: bool = False, progress: bool = True) -> int:
     """Write ``out_dir/{i}.npy`` (float16 ``(A, N, Z)``) for ``i`` in ``[start, count)``, image ``i % len(images)``;
-    existing files are kept unless ``overwrite``. Returns the number of files written."""
-    count = len(images) if count is None else count
+    existing files are kept unless ``overwrite``. ``images_per_step`` images are cropped (by ``num_workers``
+    DataLoader workers) and encoded together, ``batch_size`` crops per encoder call. Returns the files written."""
+    n_img = len(images)
+    count = n_img if count is None else count
     os.makedirs(out_dir, exist_ok=True)
-    indices = range(start, count)
-    if progress:
-        try:
-            from tqdm import tqdm
-            indices = tqdm(indices, desc="features", unit="img")
-        except ImportError:
-            pass
-    written = 0
-    for i in indices:
-        path = os.path.join(out_dir, f"{i}.npy")
+    todo = []
+    for i in range(start, count):
         if labels is not None and labels_dir is not None:
             lpath = os.path.join(labels_dir, f"{i}.npy")
             if os.path.isfile(lpath):
                 stored = int(np.asarray(np.load(lpath)).reshape(-1)[0])
-                if stored != labels[i % len(images)]:
+                if stored != labels[i % n_img]:
                     raise ValueError(f"extract_features: label file {lpath!r} says class {stored} but image "
-                                     f"{images[i % len(images)]!r} is class {labels[i % len(images)]}: the images "
-                                     f"are not in the order the codes were extracted from")
-        if os.path.exists(path) and not overwrite:
-            continue
-        feats = crop_features(encoder, load_image(images[i % len(images)]), image_size=image_size,
-                              num_crops=num_crops, crop_range=crop_range, encoder_size=encoder_size,
-                              batch_size=batch_size, device=device, dtype=dtype)
+                                     f"{images[i % n_img]!r} is class {labels[i % n_img]}: the images are not in "
+                                     f"the order the codes were extracted from")
+        if overwrite or not os.path.exists(os.path.join(out_dir, f"{i}.npy")):
+            todo.append(i)
+    loader = torch.utils.data.DataLoader(_CropSet(images, todo, image_size, num_crops, crop_range),
+                                         batch_size=images_per_step, num_workers=num_workers,
+                                         collate_fn=_as_list)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), desc="features", unit="img")
+        except ImportError:
+            pass
+    written = 0
+    for items in loader:
+        feats = encode_crops(encoder, torch.cat([crops for _, crops in items]), encoder_size=encoder_size,
+                             batch_size=batch_size, device=device, dtype=dtype)
         if expected_tokens is not None and feats.shape[1] != expected_tokens:
             raise ValueError(f"extract_features: the encoder gives {feats.shape[1]} patches per crop but the codes "
                              f"have {expected_tokens} per crop; set --encoder-size so the patch grid matches")
-        _save_atomic(path, feats.to(torch.float16).numpy())
-        written += 1
+        for (i, crops), f in zip(items, feats.split([len(c) for _, c in items])):
+            _save_atomic(os.path.join(out_dir, f"{i}.npy"), f.to(torch.float16).numpy())
+            written += 1
+        if bar is not None:
+            bar.update(len(items))
+    if bar is not None:
+        bar.close()
     return written
 
 
@@ -270,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=0, help="first file index (to split the work)")
     p.add_argument("--count", type=int, default=None, help="stop before this file index (default: all)")
     p.add_argument("--batch-size", type=int, default=10, help="crops per encoder call")
+    p.add_argument("--images-per-step", type=int, default=1, help="images cropped and encoded together")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding and cropping images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype on GPU")
     p.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
@@ -303,7 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n = extract(encoder, images, args.out, count=count, start=args.start, image_size=args.image_size,
                 num_crops=num_crops, crop_range=args.crop_range, encoder_size=encoder_size,
                 expected_tokens=expected_tokens if expected_tokens is not None else grid * grid,
-                labels=labels, labels_dir=labels_dir, batch_size=args.batch_size, device=device, dtype=dtype,
+                labels=labels, labels_dir=labels_dir, batch_size=args.batch_size,
+                images_per_step=args.images_per_step, num_workers=args.num_workers, device=device, dtype=dtype,
                 overwrite=args.overwrite)
     print(f"wrote {n} feature files ({num_crops} crops, {encoder_size} px, dim {encoder.out_dim}) to {args.out}")
     return 0

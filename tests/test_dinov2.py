@@ -251,7 +251,8 @@ def test_extract_cli_end_to_end(tmp_path):
     out = tmp_path / "feats"
     arch = "vitb14:" + ",".join(f"{k}={v}" for k, v in TINY.items())  # the CLI spelling of a reduced config
     assert ef.main(["--encoder", str(tmp_path / "enc.pth"), "--arch", arch, "--images-dir", str(images_dir),
-                    "--codes-dir", codes_dir, "--out", str(out), "--image-size", "32", "--device", "cpu"]) == 0
+                    "--codes-dir", codes_dir, "--out", str(out), "--image-size", "32", "--device", "cpu",
+                    "--images-per-step", "2", "--batch-size", "4"]) == 0  # batches cross image boundaries
     feats = np.load(out / "2.npy")
     assert feats.shape == (10, 4, 32) and feats.dtype == np.float16
     encoder = DinoV2.from_checkpoint(str(tmp_path / "enc.pth"), "vitb14", **TINY)
@@ -265,6 +266,7 @@ def test_extract_cli_end_to_end(tmp_path):
     # images in the wrong order for the labels -> clear error
     write_item(1, codes_dir, labels_dir, np.zeros((10, 4), dtype=np.int64), 1)
     paths, labels = ef.list_images(str(images_dir))
+    assert ef.extract(encoder, paths, str(out), image_size=32, encoder_size=28, progress=False) == 0  # resumable
     assert labels == [0, 0, 1]
     with pytest.raises(ValueError, match="not in the order"):
         ef.extract(encoder, paths, str(tmp_path / "f2"), labels=labels, labels_dir=labels_dir, image_size=32,
