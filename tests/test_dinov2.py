@@ -291,3 +291,39 @@ def test_image_errors(tmp_path):
     else:
         with pytest.raises(ValueError, match="unreadable image"):
             ef.load_image(str(tmp_path / "img.png"))
+
+
+class _FakePIL:
+    """Stands in for Pillow (absent on the CI machine) to pin the PIL branch's geometry: which resizes it asks for
+    (box halving while the short side >= 2x, then bicubic to a rounded size) and where it cuts."""
+    BOX, BICUBIC = "box", "bicubic"
+    calls = []
+
+    class Img:
+        def __init__(self, arr):
+            self.arr = arr
+
+        @property
+        def size(self):
+            return (self.arr.shape[1], self.arr.shape[0])  # PIL: (width, height)
+
+        def resize(self, size, resample):
+            _FakePIL.calls.append((size, resample))
+            rows = np.arange(size[1]) * self.arr.shape[0] // size[1]
+            cols = np.arange(size[0]) * self.arr.shape[1] // size[0]
+            return _FakePIL.Img(self.arr[rows][:, cols])
+
+        def __array__(self, dtype=None, copy=None):
+            return self.arr if dtype is None else self.arr.astype(dtype)
+
+
+def test_center_crop_pil_branch(monkeypatch):
+    monkeypatch.setattr(ef, "_pil", lambda: _FakePIL)
+    _FakePIL.calls.clear()
+    arr = np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8)
+    out = ef.center_crop_arr(_FakePIL.Img(arr), 70)  # 300 -> 150 (>= 140) -> 75: box twice, then bicubic
+    assert _FakePIL.calls == [((225, 150), "box"), ((112, 75), "box"), ((105, 70), "bicubic")]  # 112*70/75=104.53
+    assert out.shape == (3, 70, 70) and out.dtype == torch.uint8
+    final = _FakePIL.Img(arr).resize((225, 150), "box").resize((112, 75), "box").resize((105, 70), "bicubic").arr
+    assert torch.equal(out, torch.from_numpy(final[:, 17:87]).permute(2, 0, 1))  # left (105 - 70) // 2 = 17
+    assert out.shape == ef.center_crop_arr(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), 70).shape
