@@ -6,8 +6,8 @@ feed both (split per element by ``j <= i``), ``[m0 + BLOCK_M, S)`` only the seco
 bidirectional row is the log-sum-exp merge of the two (MIRAI_SPEC.md, "The shared bidirectional pass"). Ragged
 tails (any S) are masked, so S need not be a multiple of a block.
 
-Backward: each query row carries one (lse, dO, D) triple for its causal keys and one for its future keys; the
-launcher builds them (``alpha = exp(lse_c - lse_b)``: ``dO_c + alpha dO_b`` and ``D_c + alpha D_b`` for causal keys,
+Backward: each query row carries one (lse, dO, D) triple for its causal keys and one for its future keys; a
+row-wise preprocess kernel builds them (``alpha = exp(lse_c - lse_b)``: ``dO_c + alpha dO_b`` and ``D_c + alpha D_b`` for causal keys,
 ``dO_b``, ``D_b`` and ``lse_b`` for future ones), so the kernels see plain attention backward over two regions.
 dK/dV programs own a key block of one K/V head and loop over the grouped query heads (no atomics); dQ programs own
 a query block. Scores are kept in base 2 (``exp2``), with the scale folded in.
@@ -22,7 +22,6 @@ import triton.language as tl
 from ..backend import triton_interpreted
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -143,6 +142,7 @@ def _bwd_dkdv_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_gb, stride_gs, stride_gh,
+    stride_ub, stride_us, stride_uh,
     stride_dkb, stride_dks, stride_dkh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_U: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -167,7 +167,7 @@ def _bwd_dkdv_kernel(
     for h in range(hk * group, hk * group + group):
         q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
         doc_base = doc_ptr + b.to(tl.int64) * stride_gb + h * stride_gh
-        dou_base = dou_ptr + b.to(tl.int64) * stride_gb + h * stride_gh
+        dou_base = dou_ptr + b.to(tl.int64) * stride_ub + h * stride_uh
         row_base = (b * nheads + h).to(tl.int64) * seqlen
         # Query blocks at or after the key block: causal keys for them (the diagonal block mixes C and U).
         for m0 in range(n0, seqlen, BLOCK):
@@ -186,7 +186,7 @@ def _bwd_dkdv_kernel(
             dv += tl.dot(pt.to(do_c.dtype), do_c, input_precision=PREC)
             if HAS_U:
                 if m0 == n0:
-                    do_u = tl.load(dou_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=q_mask, other=0.0)
+                    do_u = tl.load(dou_base + offs_m[:, None] * stride_us + offs_d[None, :], mask=q_mask, other=0.0)
                     lse_u = tl.load(lseu_ptr + row_base + offs_m, mask=m_ok, other=0.0)
                     d_u = tl.load(du_ptr + row_base + offs_m, mask=m_ok, other=0.0)
                     future = (offs_n[:, None] > offs_m[None, :]) & m_ok[None, :] & n_ok[:, None]
@@ -200,7 +200,7 @@ def _bwd_dkdv_kernel(
             for m0 in range(0, n0, BLOCK):
                 offs_m = m0 + offs_m0
                 q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-                do_u = tl.load(dou_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+                do_u = tl.load(dou_base + offs_m[:, None] * stride_us + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 lse_u = tl.load(lseu_ptr + row_base + offs_m)
                 d_u = tl.load(du_ptr + row_base + offs_m)
                 st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
@@ -224,6 +224,7 @@ def _bwd_dq_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_gb, stride_gs, stride_gh,
+    stride_ub, stride_us, stride_uh,
     stride_dqb, stride_dqs, stride_dqh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_U: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -247,7 +248,8 @@ def _bwd_dq_kernel(
     lse_c = tl.load(lsec_ptr + row, mask=m_ok, other=0.0)
     d_c = tl.load(dc_ptr + row, mask=m_ok, other=0.0)
     if HAS_U:
-        do_u = tl.load(dou_ptr + g_offs, mask=q_mask, other=0.0)
+        u_offs = b.to(tl.int64) * stride_ub + h * stride_uh + offs_m[:, None] * stride_us + offs_d[None, :]
+        do_u = tl.load(dou_ptr + u_offs, mask=q_mask, other=0.0)
         lse_u = tl.load(lseu_ptr + row, mask=m_ok, other=0.0)
         d_u = tl.load(du_ptr + row, mask=m_ok, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + hk * stride_kh
@@ -287,6 +289,57 @@ def _bwd_dq_kernel(
     dq = dq * (qk_scale * 0.6931471805599453)
     tl.store(dq_ptr + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    doc_ptr, oc_ptr, dob_ptr, ob_ptr, lsec_ptr, lseb_ptr, doeff_ptr, dc_ptr, du_ptr, lsec2_ptr, lseu2_ptr,
+    seqlen, nheads, n_rows,
+    stride_gcb, stride_gcs, stride_gch, stride_ocb, stride_ocs, stride_och,
+    stride_gbb, stride_gbs, stride_gbh, stride_obb, stride_obs, stride_obh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_C: tl.constexpr,
+    HAS_B: tl.constexpr,
+):
+    # Per query row: D = rowsum(dO * O) of each output, the causal keys' combined dO_c + alpha dO_b (written in
+    # the inputs' dtype, with D shifted by that rounding so sum_j P_ij (dP_ij - D_i) stays 0), and base-2 LSEs.
+    # Rows are (b, h, s) in the LSE layout.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < n_rows
+    s_idx = rows % seqlen
+    bh = rows // seqlen
+    b = (bh // nheads).to(tl.int64)
+    h = bh % nheads
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = r_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if HAS_C:
+        do_c = tl.load(doc_ptr + (b * stride_gcb + s_idx * stride_gcs + h * stride_gch)[:, None] + offs_d[None, :],
+                       mask=mask, other=0.0).to(tl.float32)
+        o_c = tl.load(oc_ptr + (b * stride_ocb + s_idx * stride_ocs + h * stride_och)[:, None] + offs_d[None, :],
+                      mask=mask, other=0.0).to(tl.float32)
+        lse_c = tl.load(lsec_ptr + rows, mask=r_ok, other=0.0)
+        d_c = tl.sum(do_c * o_c, 1)
+    if HAS_B:
+        do_b = tl.load(dob_ptr + (b * stride_gbb + s_idx * stride_gbs + h * stride_gbh)[:, None] + offs_d[None, :],
+                       mask=mask, other=0.0).to(tl.float32)
+        o_b = tl.load(ob_ptr + (b * stride_obb + s_idx * stride_obs + h * stride_obh)[:, None] + offs_d[None, :],
+                      mask=mask, other=0.0).to(tl.float32)
+        lse_b = tl.load(lseb_ptr + rows, mask=r_ok, other=0.0)
+        d_b = tl.sum(do_b * o_b, 1)
+        tl.store(du_ptr + rows, d_b, mask=r_ok)
+        tl.store(lseu2_ptr + rows, lse_b * 1.4426950408889634, mask=r_ok)
+    if HAS_C and HAS_B:
+        alpha = tl.exp(lse_c - lse_b)
+        exact = do_c + alpha[:, None] * do_b
+        rounded = exact.to(doeff_ptr.dtype.element_ty)
+        eff_rows = ((b * seqlen + s_idx) * nheads + h) * HEAD_DIM  # contiguous (B, S, H, D)
+        tl.store(doeff_ptr + eff_rows[:, None] + offs_d[None, :], rounded, mask=mask)
+        d_c = d_c + alpha * d_b + tl.sum((rounded.to(tl.float32) - exact) * o_c, 1)
+    if HAS_C:
+        tl.store(dc_ptr + rows, d_c, mask=r_ok)
+        tl.store(lsec2_ptr + rows, lse_c * 1.4426950408889634, mask=r_ok)
+    else:
+        tl.store(dc_ptr + rows, d_b, mask=r_ok)
+        tl.store(lsec2_ptr + rows, lse_b * 1.4426950408889634, mask=r_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -375,14 +428,10 @@ def dual_attention_fwd(q, k, v, softmax_scale: float, causal: bool, bidirectiona
     return out_c, out_b, lse_c, lse_b
 
 
-def _row_term(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """D = rowsum(dO * O) as (B, H, S) fp32."""
-    return (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-
-
 def dual_attention_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, softmax_scale: float):
     """Gradients w.r.t. q, k, v (contiguous, their dtypes). A None ``dout_c``/``dout_b`` means that output's
-    gradient does not flow (its tiles are skipped when it is ``dout_b``)."""
+    gradient does not flow (its tiles are skipped when it is ``dout_b``). The upstream gradients may have any
+    strides with a unit last-dim stride."""
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -394,30 +443,28 @@ def dual_attention_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, soft
     if q.numel() == 0:
         return dq, dk, dv
     # Per-row (lse, dO, D) triples for causal keys (C) and future keys (U); see the module docstring.
-    if has_c and has_b:
-        alpha = torch.exp(lse_c - lse_b)  # (B, H, S)
-        d_u = _row_term(dout_b, out_b)
-        d_c = _row_term(dout_c, out_c) + alpha * d_u
-        do_c32 = dout_c.float() + alpha.transpose(1, 2)[..., None] * dout_b.float()
-        do_c = do_c32.to(q.dtype)
-        # The kernels compute dP from the rounded do_c; shifting D by the rounding's share keeps
-        # sum_j P_ij (dP_ij - D_i) = 0 exact, as it is for plain attention (e.g. dq = 0 at seqlen 1).
-        d_c = d_c + _row_term(do_c.float() - do_c32, out_c)
-        do_u, lse_cc, lse_u = dout_b.contiguous(), lse_c, lse_b
-    elif has_c:
-        d_c, do_c, lse_cc = _row_term(dout_c, out_c), dout_c.contiguous(), lse_c
-        d_u, do_u, lse_u = d_c, do_c, lse_cc  # unread (HAS_U is False)
-    else:
-        d_c, do_c, lse_cc = _row_term(dout_b, out_b), dout_b.contiguous(), lse_b
-        d_u, do_u, lse_u = d_c, do_c, lse_cc
-    do_c = do_c.contiguous()
-    do_u = do_u.contiguous()
-    lse_cc = (lse_cc.contiguous() * LOG2E)
-    lse_u = (lse_u.contiguous() * LOG2E)
+    n_rows = batch * nheads * seqlen
+    rows = lambda: torch.empty((batch, nheads, seqlen), dtype=torch.float32, device=q.device)  # noqa: E731
+    d_c, d_u, lse_c2, lse_u2 = rows(), rows(), rows(), rows()
+    do_eff = torch.empty_like(q, memory_format=torch.contiguous_format) if has_c and has_b else None
+    any_do, any_o, any_lse = (dout_c, out_c, lse_c) if has_c else (dout_b, out_b, lse_b)
+    g_c = (dout_c, out_c, lse_c.contiguous()) if has_c else (any_do, any_o, any_lse)
+    g_b = (dout_b, out_b, lse_b.contiguous()) if has_b else g_c
+    block_r = 16 if triton_interpreted() else 64
+    _bwd_preprocess_kernel[(triton.cdiv(n_rows, block_r),)](
+        g_c[0], g_c[1], g_b[0], g_b[1], g_c[2], g_b[2], do_eff if do_eff is not None else q, d_c, d_u,
+        lse_c2, lse_u2, seqlen, nheads, n_rows,
+        g_c[0].stride(0), g_c[0].stride(1), g_c[0].stride(2), g_c[1].stride(0), g_c[1].stride(1), g_c[1].stride(2),
+        g_b[0].stride(0), g_b[0].stride(1), g_b[0].stride(2), g_b[1].stride(0), g_b[1].stride(1), g_b[1].stride(2),
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_R=block_r, HAS_C=has_c, HAS_B=has_b, num_warps=4)
+    # dO for the causal keys: the combined tensor when both gradients flow, else the one that flows.
+    do_c = do_eff if do_eff is not None else (dout_c if has_c else dout_b)
+    do_u = dout_b if has_b else do_c
     qk_scale = softmax_scale * LOG2E
     group = nheads // nheads_k
-    strides_qkv = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                   v.stride(0), v.stride(1), v.stride(2), do_c.stride(0), do_c.stride(1), do_c.stride(2))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do_c.stride(0), do_c.stride(1), do_c.stride(2),
+               do_u.stride(0), do_u.stride(1), do_u.stride(2))
     if triton_interpreted():
         block, warps, stages = _INTERP_BLOCK, 4, 1
     elif q.dtype == torch.float32:
@@ -426,12 +473,12 @@ def dual_attention_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, soft
         block, warps, stages = _BWD_CONFIG[_head_dim_key(head_dim)]
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK=block, HAS_U=has_b,
                 PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
-    rows = (do_c, do_u, lse_cc, lse_u, d_c, d_u)
+    row_args = (do_c, do_u, lse_c2, lse_u2, d_c, d_u)
     _bwd_dkdv_kernel[(triton.cdiv(seqlen, block), batch * nheads_k)](
-        q, k, v, *rows, dk, dv, seqlen, nheads, nheads_k, group, qk_scale, *strides_qkv,
+        q, k, v, *row_args, dk, dv, seqlen, nheads, nheads_k, group, qk_scale, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), **meta)
     _bwd_dq_kernel[(triton.cdiv(seqlen, block), batch * nheads)](
-        q, k, v, *rows, dq, seqlen, nheads, group, qk_scale, *strides_qkv,
+        q, k, v, *row_args, dq, seqlen, nheads, group, qk_scale, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2), **meta)
     return dq, dk, dv
 
@@ -476,15 +523,27 @@ def aot_specs() -> list[dict]:
                               "PREC": prec}
                 sig = dict(common, dk_ptr=f"*{dtype}", dv_ptr=f"*{dtype}", seqlen="i32", nheads="i32",
                            nheads_k="i32", group="i32", qk_scale="fp32")
-                for p in ("q", "k", "v", "g", "dk"):
+                for p in ("q", "k", "v", "g", "u", "dk"):
                     sig.update(strides3(p))
                 specs.append({"name": f"dual_attn_bwd_dkdv[{dtype},hd{head_dim},future={has_u}]",
                               "fn": _bwd_dkdv_kernel, "signature": sig, "constexprs": constexprs,
                               "num_warps": warps, "num_stages": stages})
                 sig = dict(common, dq_ptr=f"*{dtype}", seqlen="i32", nheads="i32", group="i32", qk_scale="fp32")
-                for p in ("q", "k", "v", "g", "dq"):
+                for p in ("q", "k", "v", "g", "u", "dq"):
                     sig.update(strides3(p))
                 specs.append({"name": f"dual_attn_bwd_dq[{dtype},hd{head_dim},future={has_u}]",
                               "fn": _bwd_dq_kernel, "signature": sig, "constexprs": constexprs,
                               "num_warps": warps, "num_stages": stages})
+            for has_c, has_b in ((True, True), (True, False), (False, True)):
+                sig = {name: f"*{dtype}" for name in ("doc_ptr", "oc_ptr", "dob_ptr", "ob_ptr", "doeff_ptr")}
+                sig.update({name: "*fp32" for name in ("lsec_ptr", "lseb_ptr", "dc_ptr", "du_ptr", "lsec2_ptr",
+                                                       "lseu2_ptr")})
+                sig.update({"seqlen": "i32", "nheads": "i32", "n_rows": "i32"})
+                for p in ("gc", "oc", "gb", "ob"):
+                    sig.update(strides3(p))
+                specs.append({"name": f"dual_attn_bwd_pre[{dtype},hd{head_dim},c={has_c},b={has_b}]",
+                              "fn": _bwd_preprocess_kernel, "signature": sig,
+                              "constexprs": {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_R": 64,
+                                             "HAS_C": has_c, "HAS_B": has_b},
+                              "num_warps": 4, "num_stages": 3})
     return specs
