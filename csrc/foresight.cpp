@@ -4,7 +4,7 @@
 // tpos: int32 (N, K) contiguous, the target position of each (student position, foresight head), -1 for none.
 // fwd -> cos (B, N, K) in the accumulation type (fp32; fp64 for fp64 inputs), 0 where tpos is -1.
 // bwd(grad_cos) -> grad_proj (B, N, K, Z) contiguous, proj's dtype. Targets never get a gradient.
-// cos(s, t) = <s, t> / (max(|s|, eps) max(|t|, eps)), eps = 1e-6, as mirai_kernels/reference/foresight.py.
+// cos(s, t) = <s, t> / (max(|s|, eps) max(|t|, eps)), eps = 1e-4, as mirai_kernels/reference/foresight.py.
 //
 // mirai::fused_linear_cos_cpp: the foresight heads' last Linear (optionally preceded by a SiLU on x: silu_input)
 // fused with the cosine, gradients computed in the forward pass (measured faster than a chunked recompute in
@@ -28,7 +28,7 @@
 namespace mirai {
 namespace {
 
-constexpr double kEps = 1e-6;
+constexpr double kEps = 1e-4;  // keeps every gradient finite in fp16 (reference/foresight.py)
 
 void check_cos_inputs(const at::Tensor& proj, const at::Tensor& targets, const at::Tensor& tpos) {
   TORCH_CHECK(proj.dim() == 4, "foresight_cos: proj must be (B, N, K, Z), got ", proj.sizes());

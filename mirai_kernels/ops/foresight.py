@@ -394,7 +394,7 @@ def foresight_cosine_loss(proj: torch.Tensor, targets: torch.Tensor, offsets, *,
     Return:
         ``(total, per_head)``: ``per_head`` ``(K,)`` fp32 (fp64 for fp64), ``per_head[k] = -mean`` over (batch,
         valid pairs of head k) of ``cos(proj, targets)`` (0 for a head with no pair); ``total = sum_k λ_k
-        per_head[k]``. ``cos(s, t) = <s, t> / (max(|s|, 1e-6) max(|t|, 1e-6))``: a zero vector has cosine 0 and
+        per_head[k]``. ``cos(s, t) = <s, t> / (max(|s|, 1e-4) max(|t|, 1e-4))``: a zero vector has cosine 0 and
         finite gradient.
     """
     where = "foresight_cosine_loss"
