@@ -1,4 +1,5 @@
-"""Triton face of dual (causal + bidirectional) attention: forward, and a two-kernel backward (dK/dV, then dQ).
+"""Triton face of dual (causal + bidirectional) attention: forward, and a backward in three kernels (row-wise
+preprocess, dK/dV, dQ).
 
 Forward: one program per (query block, batch x head). Keys split into three regions for the block
 ``[m0, m0 + BLOCK_M)``: ``[0, m0)`` feeds only the causal accumulator, the diagonal blocks ``[m0, m0 + BLOCK_M)``
@@ -6,9 +7,10 @@ feed both (split per element by ``j <= i``), ``[m0 + BLOCK_M, S)`` only the seco
 bidirectional row is the log-sum-exp merge of the two (MIRAI_SPEC.md, "The shared bidirectional pass"). Ragged
 tails (any S) are masked, so S need not be a multiple of a block.
 
-Backward: each query row carries one (lse, dO, D) triple for its causal keys and one for its future keys; a
-row-wise preprocess kernel builds them (``alpha = exp(lse_c - lse_b)``: ``dO_c + alpha dO_b`` and ``D_c + alpha D_b`` for causal keys,
-``dO_b``, ``D_b`` and ``lse_b`` for future ones), so the kernels see plain attention backward over two regions.
+Backward: each query row carries one (lse, dO, D) triple for its causal keys and one for its future keys; the
+preprocess kernel builds them (``alpha = exp(lse_c - lse_b)``: ``dO_c + alpha dO_b`` and ``D_c + alpha D_b`` for
+causal keys, ``dO_b``, ``D_b`` and ``lse_b`` for future ones), so the kernels see plain attention backward over two
+regions.
 dK/dV programs own a key block of one K/V head and loop over the grouped query heads (no atomics); dQ programs own
 a query block. Scores are kept in base 2 (``exp2``), with the scale folded in.
 """
