@@ -34,8 +34,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        if hasattr(self.model, "reshard"):  # FSDP2 leaves a root unsharded after a no-grad (teacher) forward
+            self.model.reshard()
         for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            if hasattr(p, "to_local"):  # FSDP2: both sharded alike, so the refresh is shard-local
+                ema_p.to_local().lerp_(p.detach().to_local(), 1.0 - self.decay)
+            else:
+                ema_p.lerp_(p.detach(), 1.0 - self.decay)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 

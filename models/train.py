@@ -11,7 +11,7 @@ after 5% of the steps (the paper: 15 of 300 epochs), ``--halve-at 0.27`` (80 of 
 a half-life of 10% of the run (capped at the paper's 0.9999, which barely moves in a short run: 0.9999^2000 = 0.82).
 
 Multi-process: ``torchrun --nproc_per_node N -m models.train ...`` trains with DistributedDataParallel (NCCL on
-GPUs, gloo on CPUs); ``--batch-size`` is the global batch, each rank takes its share of every step's batch (a pure
+GPUs, gloo on CPUs), or FSDP2 with ``--fsdp``; ``--batch-size`` is the global batch, each rank takes its share of every step's batch (a pure
 function of seed and step, which is what makes ``--resume`` exact), rank 0 logs and writes checkpoints.
 
 Outputs in ``--out``: ``metrics.jsonl`` (one line per logged step), ``last.pt`` (full state for ``--resume``,
@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the GPT")
+    p.add_argument("--fsdp", action="store_true", help="with torchrun: shard parameters, gradients and optimizer "
+                   "state with FSDP2 instead of replicating them with DDP (for L / XL)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -145,6 +147,27 @@ class TrainStep(torch.nn.Module):
         return self.objective.loss(self._forward_model, idx, labels, targets, step, features)
 
 
+def shard_for_fsdp(model, ema_model, objective) -> None:
+    """FSDP2 (``fully_shard``) every block, then the rest, of the GPT and its EMA copy the same way (so the EMA
+    refresh is a shard-local lerp), and the foresight heads; a frozen encoder stays replicated."""
+    from torch.distributed.fsdp import fully_shard
+
+    for gpt in (model, ema_model):
+        for layer in gpt.layers:
+            fully_shard(layer)
+        fully_shard(gpt)
+    if hasattr(objective, "heads"):
+        fully_shard(objective.heads)
+
+
+def full_state_dict(module) -> dict:
+    """A module's full (unsharded) state dict on CPU, gathered from every rank (a collective: all ranks call it);
+    ranks other than 0 get an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def init_distributed(device_name: str):
     """(rank, world_size, device). Under ``torchrun`` (WORLD_SIZE > 1) joins the process group: NCCL on GPUs,
     gloo on CPUs."""
@@ -194,9 +217,15 @@ def train(args) -> dict:
         warmup_steps=warmup, halve_at=halve_at, mirai_s_source=args.mirai_s_source, boundary=args.boundary,
         encoder=encoder, feature_dim=feature_dim,
     ).to(device)
+    if args.fsdp:
+        if world == 1:
+            raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N > 1)")
+        if args.resume:
+            raise ValueError("--resume is not supported with --fsdp yet (checkpoints are written as full state dicts)")
+        shard_for_fsdp(model, ema.model, objective)
     optimizer = torch.optim.AdamW(param_groups([model, objective], args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     step_module = TrainStep(model, objective, args.compile)
-    if world > 1:
+    if world > 1 and not args.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -223,10 +252,15 @@ def train(args) -> dict:
             json.dump({"args": vars(args), "gpt": config.__dict__, "schedule": schedule}, f, indent=1)
 
     def save_full(step):
+        if args.fsdp:  # every rank takes part in gathering the shards; rank 0 writes
+            state = {"model": full_state_dict(model), "ema": full_state_dict(ema.model),
+                     "objective": full_state_dict(objective)}
+        else:
+            state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "objective": objective.state_dict(),
+                     "optimizer": optimizer.state_dict()}
         if is_main:
-            atomic_save({"config": config.__dict__, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                         "objective": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                         "rng": torch.get_rng_state(), "step": step, "args": vars(args)}, last_path)
+            atomic_save({"config": config.__dict__, **state, "rng": torch.get_rng_state(), "step": step,
+                         "args": vars(args)}, last_path)
 
     log = open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") if is_main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
@@ -254,6 +288,8 @@ def train(args) -> dict:
         loss.backward()  # DDP averages the gradients over ranks: the gradient of the global-batch mean loss
         grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(objective.parameters()),
                                                    args.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         ema.update(model)
         if device.type == "cuda":
@@ -277,8 +313,9 @@ def train(args) -> dict:
     if log is not None:
         log.close()
     save_full(args.steps)
+    ema_state = full_state_dict(ema.model) if args.fsdp else ema.model.state_dict()
     if is_main:
-        atomic_save({"config": config.__dict__, "model": ema.model.state_dict()}, os.path.join(args.out, "model.pt"))
+        atomic_save({"config": config.__dict__, "model": ema_state}, os.path.join(args.out, "model.pt"))
     steady = step_times[len(step_times) // 5:] or step_times
     return {"final": metrics, "step_s_median": sorted(steady)[len(steady) // 2] if steady else math.nan,
             "schedule": schedule, "out": args.out, "rank": rank, "world_size": world}

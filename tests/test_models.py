@@ -346,8 +346,10 @@ def test_short_training_learns_and_samples(tmp_path):
     assert saved["tokens"].shape == (10, 16)
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
-    """torchrun with 2 gloo processes and the same global batch gives the single-process loss (dropout off)."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, sharding):
+    """torchrun with 2 gloo processes (DDP, or FSDP2 with --fsdp) and the same global batch gives the
+    single-process loss (dropout off)."""
     import subprocess
     import sys
 
@@ -355,9 +357,13 @@ def test_ddp_two_processes_match_one_process(tmp_path):
               "--log-every", "1", "--dropout", "0", "--class-dropout", "0", "--lr", "1e-3", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    "-m", "models.train", "--out", str(tmp_path / "ddp"), *common], check=True, env=env, cwd=root,
-                   capture_output=True, timeout=300)
+    if sharding == "fsdp":  # with foresight heads and the (sharded) EMA teacher in the step too
+        common += ["--objective", "mirai-e", "--head-width", "32", "--warmup", "1"]
+    port, flags = ("29517", []) if sharding == "ddp" else ("29518", ["--fsdp"])
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             port, "-m", "models.train", "--out", str(tmp_path / "ddp"), *common, *flags], env=env,
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     single = train_mod.train(train_mod.parse_args(["--out", str(tmp_path / "one"), *common]))
     ddp_lines = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl")]
     one_lines = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
@@ -365,6 +371,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for a, b in zip(ddp_lines, one_lines):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     assert single["world_size"] == 1
+    train_mod.load_sampling_model(str(tmp_path / "ddp" / "model.pt"))  # full (gathered) weights, strict load
 
 
 def test_train_on_llamagen_codes_with_precomputed_mirai_i_features(tmp_path):
