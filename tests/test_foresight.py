@@ -492,7 +492,7 @@ def paper_eager_heads(module, h, targets):
     projs = [mlp(h) for mlp in module.head_mlps()]
     total, per_head = ref.paper_heads_loss(projs, targets, raster, module.prefix)
     weights = module.head_weights or [1.0] * module.n_heads
-    return (torch.tensor(weights, dtype=per_head.dtype) * per_head).sum(), per_head, projs
+    return (torch.tensor(weights, dtype=per_head.dtype, device=per_head.device) * per_head).sum(), per_head, projs
 
 
 @pytest.mark.parametrize("face", ALL_FACES)
@@ -569,3 +569,24 @@ def test_foresight_heads_autocast_bf16_runs():
     total.backward()
     assert torch.isfinite(per_head).all() and h.grad.dtype == torch.float32
     assert module.weight_in.grad is not None and module.weight_in.grad.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gpu_foresight_heads_triton_matches_paper_eager(recompute):
+    module = ForesightHeadsCls.mirai_e(64, grid=(8, 8), hidden=128, recompute=recompute, backend="triton").cuda()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    n = seq_len((8, 8), 1)
+    h = torch.randn(4, n, 64, device="cuda", requires_grad=True)
+    targets = torch.randn(4, n, 64, device="cuda")
+    total, per_head = module(h, targets)
+    total.backward()
+    h_ref = h.detach().double().requires_grad_()
+    total_ref, per_head_ref, _ = paper_eager_heads(module.double(), h_ref, targets.double())
+    (grad_ref,) = torch.autograd.grad(total_ref, [h_ref])
+    torch.testing.assert_close(per_head.double(), per_head_ref, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(h.grad.double(), grad_ref, atol=1e-5, rtol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        total_bf16, _ = module.float()(h, targets)
+    assert abs(total_bf16.item() - total_ref.item()) < 0.05 * abs(total_ref.item()) + 1e-2
