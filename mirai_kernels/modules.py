@@ -59,8 +59,15 @@ class _SiluBmm(torch.autograd.Function):
         g = grad.permute(2, 0, 1, 3).reshape(n_heads, batch * seqlen, -1)
         grad_a = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_a = torch.ops.aten.silu_backward(torch.bmm(g, w), a_k)
-            grad_a = grad_a.view(n_heads, batch, seqlen, h_in).permute(1, 2, 0, 3)
+            # Written in a's own layout (the first layer's (B, N, K, h) output), so the Linear's backward before
+            # it reshapes for free.
+            grad_a = torch.empty_like(a, memory_format=torch.preserve_format)
+            grad_a_k = grad_a.permute(2, 0, 1, 3).reshape(n_heads, batch * seqlen, h_in)
+            if grad_a_k._base is grad_a:
+                torch.ops.aten.silu_backward.grad_input(torch.bmm(g, w), a_k, grad_input=grad_a_k)
+            else:  # a's layout does not merge (B, N): any layout will do
+                grad_a = torch.ops.aten.silu_backward(torch.bmm(g, w), a_k)
+                grad_a = grad_a.view(n_heads, batch, seqlen, h_in).permute(1, 2, 0, 3)
         if ctx.needs_input_grad[1]:
             grad_w = torch.bmm(g.transpose(1, 2), torch.nn.functional.silu(a_k))
         if ctx.needs_input_grad[2]:
