@@ -155,6 +155,19 @@ def test_triton_gpu_stop_gradient_and_compile():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("outputs", ["both", "causal"])
+def test_triton_deterministic_dq_kernel(outputs):
+    """Under torch.use_deterministic_algorithms the Triton backward takes its separate dQ kernel (no atomics)."""
+    if "triton" not in FACES:
+        pytest.skip("Triton unavailable")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        check_against_fp64("triton", *fused_qkv(1, 45, 2, 1, 32, torch.float32), outputs)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
 @pytest.mark.parametrize("seqlen", [257, 577])
 def test_triton_long_ragged(seqlen):
     if "triton" not in FACES:

@@ -1,5 +1,5 @@
-"""Triton face of dual (causal + bidirectional) attention: forward, and a backward in three kernels (row-wise
-preprocess, dK/dV, dQ).
+"""Triton face of dual (causal + bidirectional) attention: forward, and a backward of a row-wise preprocess kernel
+and a dK/dV kernel that also accumulates dQ atomically (a separate dQ kernel under deterministic algorithms).
 
 Forward: one program per (query block, batch x head). Keys split into three regions for the block
 ``[m0, m0 + BLOCK_M)``: ``[0, m0)`` feeds only the causal accumulator, the diagonal blocks ``[m0, m0 + BLOCK_M)``
@@ -11,8 +11,9 @@ Backward: each query row carries one (lse, dO, D) triple for its causal keys and
 preprocess kernel builds them (``alpha = exp(lse_c - lse_b)``: ``dO_c + alpha dO_b`` and ``D_c + alpha D_b`` for
 causal keys, ``dO_b``, ``D_b`` and ``lse_b`` for future ones), so the kernels see plain attention backward over two
 regions.
-dK/dV programs own a key block of one K/V head and loop over the grouped query heads (no atomics); dQ programs own
-a query block. Scores are kept in base 2 (``exp2``), with the scale folded in.
+dK/dV programs own a key block of one K/V head and loop over the grouped query heads (dK/dV need no atomics); dQ is
+added atomically into an fp32 buffer, or, under ``torch.use_deterministic_algorithms``, computed by dQ programs that
+own a query block. Scores are kept in base 2 (``exp2``), with the scale folded in.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, doc_ptr, dou_ptr, lsec_ptr, lseu_ptr, dc_ptr, du_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, doc_ptr, dou_ptr, lsec_ptr, lseu_ptr, dc_ptr, du_ptr, dk_ptr, dv_ptr, dq_acc_ptr,
     seqlen, nheads, nheads_k, group, qk_scale,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -147,8 +148,12 @@ def _bwd_dkdv_kernel(
     stride_ub, stride_us, stride_uh,
     stride_dkb, stride_dks, stride_dkh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, HAS_U: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
-    # One key block of one K/V head; query blocks have the same size, so the diagonal is one block.
+    # One key block of one K/V head; query blocks have the same size, so the diagonal is one block. With ATOMIC_DQ
+    # each query block's dQ share (dS K, already scaled) is added into the fp32 (B, S, H, D) buffer dq_acc: the
+    # backward then costs 5 block products per tile instead of 7 (no dQ kernel recomputing S and dP), at the price
+    # of a run-to-run order of fp32 additions.
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // nheads_k
@@ -197,6 +202,10 @@ def _bwd_dkdv_kernel(
                     dst += pt_u * (dpt_u - d_u[None, :])
                     dv += tl.dot(pt_u.to(do_u.dtype), do_u, input_precision=PREC)
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+            if ATOMIC_DQ:
+                dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC) * (qk_scale * 0.6931471805599453)
+                dq_rows = ((b.to(tl.int64) * seqlen + offs_m) * nheads + h) * HEAD_DIM
+                tl.atomic_add(dq_acc_ptr + dq_rows[:, None] + offs_d[None, :], dq_part, mask=q_mask)
         if HAS_U:
             # Query blocks before the key block: these keys are in their future.
             for m0 in range(0, n0, BLOCK):
@@ -211,6 +220,11 @@ def _bwd_dkdv_kernel(
                 dst = pt * (dpt - d_u[None, :])
                 dv += tl.dot(pt.to(do_u.dtype), do_u, input_precision=PREC)
                 dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+                if ATOMIC_DQ:
+                    dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC) * (
+                        qk_scale * 0.6931471805599453)
+                    dq_rows = ((b.to(tl.int64) * seqlen + offs_m) * nheads + h) * HEAD_DIM
+                    tl.atomic_add(dq_acc_ptr + dq_rows[:, None] + offs_d[None, :], dq_part, mask=d_ok[None, :])
     # dS above is w.r.t. base-2 scores scaled by qk_scale = scale * log2(e); d(score)/dk = scale * q.
     dk = dk * (qk_scale * 0.6931471805599453)
     out_offs = b.to(tl.int64) * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
@@ -476,9 +490,16 @@ def dual_attention_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, soft
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK=block, HAS_U=has_b,
                 PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
     row_args = (do_c, do_u, lse_c2, lse_u2, d_c, d_u)
+    # dQ: atomically accumulated by the dK/dV programs, or (torch.use_deterministic_algorithms) by its own
+    # kernel, which recomputes S and dP but adds in a fixed order.
+    atomic = not torch.are_deterministic_algorithms_enabled()
+    dq_acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic and q.dtype != torch.float32
+              else dq.zero_() if atomic else dq)
     _bwd_dkdv_kernel[(triton.cdiv(seqlen, block), batch * nheads_k)](
-        q, k, v, *row_args, dk, dv, seqlen, nheads, nheads_k, group, qk_scale, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), **meta)
+        q, k, v, *row_args, dk, dv, dq_acc, seqlen, nheads, nheads_k, group, qk_scale, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), ATOMIC_DQ=atomic, **meta)
+    if atomic:
+        return (dq if dq_acc is dq else dq.copy_(dq_acc)), dk, dv
     _bwd_dq_kernel[(triton.cdiv(seqlen, block), batch * nheads)](
         q, k, v, *row_args, dq, seqlen, nheads, group, qk_scale, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2), **meta)
@@ -523,13 +544,15 @@ def aot_specs() -> list[dict]:
                 common.update({name: "*fp32" for name in ("lsec_ptr", "lseu_ptr", "dc_ptr", "du_ptr")})
                 constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK": block, "HAS_U": has_u,
                               "PREC": prec}
-                sig = dict(common, dk_ptr=f"*{dtype}", dv_ptr=f"*{dtype}", seqlen="i32", nheads="i32",
-                           nheads_k="i32", group="i32", qk_scale="fp32")
+                sig = dict(common, dk_ptr=f"*{dtype}", dv_ptr=f"*{dtype}", dq_acc_ptr="*fp32", seqlen="i32",
+                           nheads="i32", nheads_k="i32", group="i32", qk_scale="fp32")
                 for p in ("q", "k", "v", "g", "u", "dk"):
                     sig.update(strides3(p))
-                specs.append({"name": f"dual_attn_bwd_dkdv[{dtype},hd{head_dim},future={has_u}]",
-                              "fn": _bwd_dkdv_kernel, "signature": sig, "constexprs": constexprs,
-                              "num_warps": warps, "num_stages": stages})
+                for atomic in (True, False):
+                    specs.append({"name": f"dual_attn_bwd_dkdv[{dtype},hd{head_dim},future={has_u},atomic_dq={atomic}]",
+                                  "fn": _bwd_dkdv_kernel, "signature": sig,
+                                  "constexprs": dict(constexprs, ATOMIC_DQ=atomic),
+                                  "num_warps": warps, "num_stages": stages})
                 sig = dict(common, dq_ptr=f"*{dtype}", seqlen="i32", nheads="i32", group="i32", qk_scale="fp32")
                 for p in ("q", "k", "v", "g", "u", "dq"):
                     sig.update(strides3(p))
