@@ -399,6 +399,7 @@ def test_decode_step_compiles_fullgraph(temperature):
     no host synchronisation: torch.compile traces it whole, and it gives the eager step's tokens."""
     from models.generate import DecodeStep, DeviceRNG
 
+    torch._dynamo.reset()  # fresh compile caches: earlier tests' recompiles must not count against this one
     model = tiny_gpt().eval()
     labels = torch.tensor([3, 4])
 
