@@ -1,0 +1,300 @@
+"""Evaluate a trained GPT: sample through the KV-cache sampler, then FID / KID / IS / precision-recall and the
+structure metric, with the data's own floor beside them.
+
+    python -m models.evaluate --ckpt runs/x/model.pt --n 1000
+
+Metrics (all from **torch-fidelity** 0.4, offline, ``cuda=False`` on CPU), computed between ``--n`` samples and a
+held-out reference split of the training data (same class balance: labels cycle through the classes in both):
+
+- ``fid``, ``kid_mean``/``kid_std`` (polynomial-kernel unbiased MMD over ``--kid-subsets`` subsets),
+  ``precision``/``recall``/``f_score`` (k-NN manifolds, k = 3, Kynkäänniemi et al. 2019) on the 64-d penultimate
+  features of the project's own classifier (:mod:`models.classifier`, registered with torch-fidelity as a feature
+  extractor, trained on first use and cached under ``--cache-dir``), and ``isc_mean``/``isc_std`` (Inception Score,
+  at most the number of classes) on its logits. The reference features/statistics are cached by torch-fidelity
+  (keyed by data, grid, seed, size and the classifier file's hash).
+- ``structure``: the fraction of samples whose token grid obeys their class's rule
+  (:func:`models.data.satisfies_rule`; the data itself scores 1.0), also per class. Needs no network.
+- ``floor``: the same metrics for ``--n`` images of the *training* split against the same reference, i.e. what a
+  perfect model (one that reproduces the data distribution) would score at this sample size: every FID has its
+  floor beside it. Cached in ``--cache-dir``.
+- ``inception`` (only with ``--inception-weights``, a local file of torch-fidelity's ``inception-v3-compat``
+  weights; nothing is downloaded): FID/KID/IS/PRC on Inception features. With ``--ref-npz`` (an ADM-format
+  reference batch, ``arr_0`` = (N, H, W, 3) uint8, e.g. ImageNet-256's) it is the reference instead of the held-out
+  split, and ``--vq-ckpt`` decodes ImageNet codes to pixels, so such numbers compare with the paper's.
+
+Outputs: a JSON of everything (default ``<ckpt dir>/eval.json``) and an ``.npz`` of the samples usable by other
+evaluators (default next to the JSON): ``arr_0`` (N, H, W, 3) uint8 images (the ADM evaluator's layout), ``tokens``
+(N, H*W) int64 and ``labels`` (N,).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .classifier import builtin_classifier, file_digest, load_classifier, register_with_torch_fidelity
+from .data import CLASS_NAMES, build_dataset, satisfies_rule
+from .generate import generate
+from .tokenizer import PaletteTokenizer
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="model.pt (sampling) or last.pt (uses its EMA weights)")
+    p.add_argument("--n", type=int, default=1000, help="number of samples")
+    p.add_argument("--n-ref", type=int, default=None, help="reference (held-out) images; default: --n")
+    p.add_argument("--data", default="shapes", help="the data the model was trained on (built-in: shapes)")
+    p.add_argument("--data-seed", type=int, default=0, help="the training run's --seed: train split = this seed, "
+                   "reference = its held-out split")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=int, default=250, help="sampling batch")
+    p.add_argument("--out", default=None, help="JSON path (default: <ckpt dir>/eval.json)")
+    p.add_argument("--npz", default=None, help="samples .npz path (default: the JSON path with .npz)")
+    p.add_argument("--cache-dir", default=os.path.join("runs", "eval"), help="classifier, reference features, floor")
+    p.add_argument("--classifier", default=None, help="a local classifier file (default: the built-in one, trained "
+                   "on first use and cached in --cache-dir)")
+    p.add_argument("--classifier-steps", type=int, default=400, help="training steps of the built-in classifier")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--no-floor", action="store_true", help="skip the train-vs-held-out reference numbers")
+    p.add_argument("--inception-weights", default=None, help="local torch-fidelity inception-v3-compat weights "
+                   "file: adds Inception-feature metrics (never downloaded)")
+    p.add_argument("--ref-npz", default=None, help="ADM-format reference batch (arr_0: (N, H, W, 3) uint8) for the "
+                   "Inception metrics instead of the held-out split; needs --inception-weights")
+    p.add_argument("--vq-ckpt", default=None, help="a local LlamaGen VQ checkpoint to decode ImageNet codes to pixels "
+                   "(Inception metrics only)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+class ImageSet(Dataset):
+    """torch-fidelity input: ``(N, H, W, 3)`` uint8 images served as ``(3, H, W)`` uint8 tensors."""
+
+    def __init__(self, images: torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(f"ImageSet expects (N, H, W, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
+        self.images = images.permute(0, 3, 1, 2).contiguous()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+def class_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Labels cycling through the classes, the class balance of the built-in data's splits."""
+    return torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def sample_tokens(model, labels: torch.Tensor, *, batch_size: int = 250, seed: int = 0, **sampling) -> torch.Tensor:
+    """``(N, H*W)`` int64 tokens for ``labels`` (N,), sampled in batches through :func:`models.generate.generate`
+    (``sampling``: cfg_scale, temperature, top_k, top_p); reproducible from ``seed``."""
+    device = model.output.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.cat([generate(model, labels[i: i + batch_size], generator=generator, **sampling).cpu()
+                      for i in range(0, len(labels), batch_size)])
+
+
+def tokens_to_images(tokens: torch.Tensor, grid) -> torch.Tensor:
+    """(N, H*W) palette tokens -> (N, H, W, 3) uint8."""
+    return PaletteTokenizer().decode(tokens, grid)
+
+
+def structure_metric(tokens: torch.Tensor, labels: torch.Tensor, grid) -> dict:
+    """Fraction of token grids that obey their class's rule (:func:`models.data.satisfies_rule`), overall and per
+    class name."""
+    height, width = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    ok = torch.tensor([satisfies_rule(t.view(height, width), int(l)) for t, l in zip(tokens, labels)])
+    per_class = {CLASS_NAMES[c]: float(ok[labels == c].float().mean()) for c in labels.unique().tolist()}
+    return {"structure": float(ok.float().mean()), "structure_per_class": per_class}
+
+
+def fidelity_metrics(generated: torch.Tensor, reference: torch.Tensor, *, feature_extractor: str,
+                     weights_path: str, cache_root: str | None = None, reference_cache_name: str | None = None,
+                     generated_cache_name: str | None = None, kid_subsets: int = 100, seed: int = 2020,
+                     batch_size: int = 500) -> dict:
+    """torch-fidelity's FID, KID, IS (of ``generated``) and precision/recall between two (N, H, W, 3) uint8 image
+    sets, on ``feature_extractor`` (a registered name) with weights from the local file ``weights_path``.
+    ``*_cache_name``: cache that input's features under ``cache_root`` (use for fixed sets only, with a name that
+    changes whenever the images or the extractor weights do)."""
+    import torch_fidelity
+
+    n_min = min(len(generated), len(reference))
+    if n_min < 2:
+        raise ValueError("fidelity metrics need at least 2 images on each side")
+    metrics = torch_fidelity.calculate_metrics(
+        input1=ImageSet(generated), input2=ImageSet(reference), cuda=False, batch_size=batch_size,
+        isc=True, fid=True, kid=True, prc=True, feature_extractor=feature_extractor,
+        feature_extractor_weights_path=weights_path, kid_subsets=kid_subsets, kid_subset_size=min(1000, n_min),
+        isc_splits=max(1, min(10, len(generated) // 10)), prc_neighborhood=min(3, n_min - 1),
+        cache=cache_root is not None, cache_root=cache_root, input1_cache_name=generated_cache_name,
+        input2_cache_name=reference_cache_name, rng_seed=seed, save_cpu_ram=True, verbose=False,
+    )
+    names = {"frechet_inception_distance": "fid", "kernel_inception_distance_mean": "kid_mean",
+             "kernel_inception_distance_std": "kid_std", "inception_score_mean": "isc_mean",
+             "inception_score_std": "isc_std"}
+    return {names.get(k, k): float(v) for k, v in metrics.items()}
+
+
+def split_tokens(data: str, grid, seed: int, n: int, split: str):
+    """The first ``n`` images of a split of the built-in data: (tokens (n, H*W), labels (n,))."""
+    dataset = build_dataset(data, size=n, grid=grid, seed=seed, split=split)
+    if len(dataset) < n:
+        raise ValueError(f"the {split} split of {data} has only {len(dataset)} images (asked for {n})")
+    items = [dataset[i] for i in range(n)]
+    return torch.stack([t for t, _ in items]), torch.tensor([int(l) for _, l in items])
+
+
+def _evaluate_set(tokens, labels, grid, ref_images, *, classifier, cache_dir, ref_cache_name, kid_subsets, seed,
+                  with_structure: bool, gen_cache_name=None):
+    extractor = register_with_torch_fidelity()
+    out = fidelity_metrics(tokens_to_images(tokens, grid), ref_images, feature_extractor=extractor,
+                           weights_path=classifier, cache_root=os.path.join(cache_dir, "fidelity-cache"),
+                           reference_cache_name=ref_cache_name, generated_cache_name=gen_cache_name,
+                           kid_subsets=kid_subsets, seed=seed)
+    if with_structure:
+        out.update(structure_metric(tokens, labels, grid))
+    return out
+
+
+def data_floor(data: str, grid, data_seed: int, n: int, ref_images, *, classifier: str, cache_dir: str,
+               ref_cache_name: str, kid_subsets: int = 100) -> dict:
+    """The metrics of ``n`` training-split images against the reference (cached as JSON in ``cache_dir``)."""
+    height, width = grid
+    key = f"floor-{data}-{height}x{width}-seed{data_seed}-n{n}-{ref_cache_name}-kid{kid_subsets}"
+    path = os.path.join(cache_dir, key + ".json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    tokens, labels = split_tokens(data, grid, data_seed, n, "train")
+    floor = _evaluate_set(tokens, labels, grid, ref_images, classifier=classifier, cache_dir=cache_dir,
+                          ref_cache_name=ref_cache_name, kid_subsets=kid_subsets, seed=data_seed,
+                          with_structure=data == "shapes")
+    floor["n"] = n
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(floor, f, indent=1)
+    os.replace(tmp, path)
+    return floor
+
+
+def inception_metrics(images: torch.Tensor, args, ref_images: torch.Tensor | None) -> dict:
+    """FID/KID/IS/PRC on torch-fidelity's Inception (``inception-v3-compat``) from the local ``--inception-weights``;
+    the reference is ``--ref-npz``'s ``arr_0`` when given, else ``ref_images``."""
+    if not os.path.isfile(args.inception_weights):
+        raise FileNotFoundError(f"--inception-weights: no such file {args.inception_weights} (nothing is downloaded)")
+    ref_name = None
+    if args.ref_npz:
+        with np.load(args.ref_npz) as batch:
+            if "arr_0" not in batch:
+                raise ValueError(f"--ref-npz {args.ref_npz}: no arr_0 (an ADM reference batch holds its images there)")
+            ref_images = torch.from_numpy(batch["arr_0"])
+        ref_name = f"refnpz-{file_digest(args.ref_npz)}-inception-{file_digest(args.inception_weights)}"
+    import torch_fidelity  # noqa: F401  (registers inception-v3-compat)
+
+    return fidelity_metrics(images, ref_images, feature_extractor="inception-v3-compat",
+                            weights_path=args.inception_weights, cache_root=os.path.join(args.cache_dir,
+                                                                                         "fidelity-cache"),
+                            reference_cache_name=ref_name, kid_subsets=args.kid_subsets, seed=args.seed,
+                            batch_size=64)
+
+
+def evaluate(args) -> dict:
+    """Sample, score, write the JSON and the ``.npz``; returns the JSON's dict."""
+    from .train import load_sampling_model
+
+    if args.n < 2:
+        raise ValueError("--n must be at least 2")
+    if args.ref_npz and not args.inception_weights:
+        raise ValueError("--ref-npz is an Inception-feature reference: pass --inception-weights too")
+    n_ref = args.n_ref or args.n
+    t0 = time.perf_counter()
+    model = load_sampling_model(args.ckpt, args.device)
+    config = model.config
+    grid = tuple(config.grid)
+    labels = class_labels(args.n, config.num_classes)
+    sampling = dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    tokens = sample_tokens(model, labels, batch_size=args.batch_size, seed=args.seed, **sampling)
+    sample_s = time.perf_counter() - t0
+    del model
+
+    result = {"ckpt": os.path.abspath(args.ckpt), "n": args.n, "n_ref": n_ref, "data": args.data,
+              "data_seed": args.data_seed, "grid": list(grid), "sampling": {**sampling, "seed": args.seed},
+              "sample_s": round(sample_s, 2)}
+    if args.vq_ckpt:
+        from .vq import VQTokenizer
+
+        vq = VQTokenizer.from_checkpoint(args.vq_ckpt)
+        with torch.no_grad():
+            pixels = torch.cat([vq.decode(tokens[i: i + 16], grid) for i in range(0, len(tokens), 16)])
+        images = ((pixels + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
+    else:
+        if config.vocab_size != PaletteTokenizer().vocab_size:
+            raise ValueError(f"this model has a {config.vocab_size}-token vocabulary; the palette tokenizer decodes "
+                             f"{PaletteTokenizer().vocab_size}: pass --vq-ckpt (with --inception-weights)")
+        images = tokens_to_images(tokens, grid)
+        classifier = args.classifier or builtin_classifier(args.data, grid, cache_dir=args.cache_dir,
+                                                           steps=args.classifier_steps)
+        clf = load_classifier(classifier)
+        if tuple(clf.grid) != grid or clf.config["num_classes"] != config.num_classes:
+            raise ValueError(f"classifier {classifier} is for {clf.grid} grids / {clf.config['num_classes']} classes; "
+                             f"the model makes {grid} / {config.num_classes}")
+        ref_tokens, ref_labels = split_tokens(args.data, grid, args.data_seed, n_ref, "heldout")
+        ref_images = tokens_to_images(ref_tokens, grid)
+        ref_name = (f"{args.data}-{grid[0]}x{grid[1]}-seed{args.data_seed}-heldout-n{n_ref}"
+                    f"-clf{file_digest(classifier)}")
+        t1 = time.perf_counter()
+        result["metrics"] = _evaluate_set(tokens, labels, grid, ref_images, classifier=classifier,
+                                          cache_dir=args.cache_dir, ref_cache_name=ref_name,
+                                          kid_subsets=args.kid_subsets, seed=args.seed,
+                                          with_structure=args.data == "shapes")
+        result["metrics_s"] = round(time.perf_counter() - t1, 2)
+        result["feature_extractor"] = {"name": "project classifier (models.classifier)", "path":
+                                       os.path.abspath(classifier), "digest": file_digest(classifier)}
+        if not args.no_floor:
+            result["floor"] = data_floor(args.data, grid, args.data_seed, args.n, ref_images, classifier=classifier,
+                                         cache_dir=args.cache_dir, ref_cache_name=ref_name,
+                                         kid_subsets=args.kid_subsets)
+    if args.inception_weights:
+        ref = None if args.ref_npz else tokens_to_images(split_tokens(args.data, grid, args.data_seed, n_ref,
+                                                                      "heldout")[0], grid)
+        result["inception"] = inception_metrics(images, args, ref)
+
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json")
+    npz = args.npz or os.path.splitext(out)[0] + ".npz"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.savez(npz, arr_0=images.numpy(), tokens=tokens.numpy(), labels=labels.numpy())
+    result.update(npz=os.path.abspath(npz), total_s=round(time.perf_counter() - t0, 2))
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    result["json"] = os.path.abspath(out)
+    return result
+
+
+def main(argv=None):
+    result = evaluate(parse_args(argv))
+    metrics, floor = result.get("metrics", {}), result.get("floor", {})
+    for key in ("fid", "kid_mean", "isc_mean", "precision", "recall", "structure"):
+        if key in metrics:
+            beside = f"   (data floor {floor[key]:.4g})" if key in floor else ""
+            print(f"{key:>10}: {metrics[key]:.4g}{beside}")
+    if "inception" in result:
+        print(f"inception: {json.dumps(result['inception'])}")
+    print(f"wrote {result['json']} and {result['npz']} ({result['n']} samples, {result['total_s']} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

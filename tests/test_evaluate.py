@@ -1,0 +1,159 @@
+"""Evaluation (models/evaluate.py, models/classifier.py): torch-fidelity metrics on the project classifier's
+features, the structure metric, the data floor and the CLI end to end. CPU, small sets, a briefly trained
+classifier (well under a minute in all)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torch_fidelity")  # the [eval] extra; .ci/setup installs it
+
+from models import evaluate as ev  # noqa: E402
+from models import train as train_mod  # noqa: E402
+from models.classifier import (  # noqa: E402
+    builtin_classifier, images_to_tokens, load_classifier, register_with_torch_fidelity, save_classifier,
+    train_classifier)
+from models.data import ShapesDataset  # noqa: E402
+
+GRID = (8, 8)
+N = 200
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    model, info = train_classifier(ShapesDataset(2048, seed=11), steps=80, seed=0,
+                                   eval_dataset=ShapesDataset(300, seed=12))
+    assert info["heldout_accuracy"] > 0.5, info  # trained briefly, but far above chance (0.1)
+    path = str(tmp_path_factory.mktemp("clf") / "classifier.pt")
+    save_classifier(model, path, info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sets():
+    ref_tokens, ref_labels = ev.split_tokens("shapes", GRID, 0, N, "heldout")
+    train_tokens, train_labels = ev.split_tokens("shapes", GRID, 0, N, "train")
+    assert torch.equal(ref_labels, train_labels)  # same class balance on both sides
+    return ref_tokens, train_tokens, train_labels
+
+
+def metrics(tokens_a, tokens_b, classifier, **kwargs):
+    return ev.fidelity_metrics(ev.tokens_to_images(tokens_a, GRID), ev.tokens_to_images(tokens_b, GRID),
+                               feature_extractor=register_with_torch_fidelity(), weights_path=classifier,
+                               kid_subsets=20, **kwargs)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Independent FID: ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), by symmetric eigh."""
+    def sqrt_psd(m):
+        w, v = np.linalg.eigh((m + m.T) / 2)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_a = sqrt_psd(s_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b) - 2 * np.trace(sqrt_psd(root_a @ s_b @ root_a)))
+
+
+def shuffle_pixels(tokens: torch.Tensor, fraction: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Permute a ``fraction`` of each image's pixel positions among themselves (same colours, broken layout)."""
+    g = torch.Generator().manual_seed(seed)
+    out = tokens.clone()
+    k = max(2, int(fraction * tokens.shape[1]))
+    for row in out:
+        pos = torch.randperm(tokens.shape[1], generator=g)[:k]
+        row[pos] = row[pos[torch.randperm(k, generator=g)]]
+    return out
+
+
+def test_identical_inputs(classifier, sets):
+    ref, _, _ = sets
+    m = metrics(ref, ref, classifier)
+    assert abs(m["fid"]) < 1e-6  # same features on both sides: mu and Sigma agree exactly
+    assert m["precision"] == 1.0 and m["recall"] == 1.0 and m["f_score"] == pytest.approx(1.0)
+    assert 1.0 <= m["isc_mean"] <= 10.0  # IS lies in [1, number of classes]
+
+
+def test_fid_matches_an_independent_computation(classifier, sets):
+    ref, train, _ = sets
+    clf = load_classifier(classifier)
+    with torch.no_grad():
+        fa, fb = (clf(t)[0].double().numpy() for t in (train, ref))
+    m = metrics(train, ref, classifier)
+    assert m["fid"] == pytest.approx(frechet_distance(fa, fb), rel=1e-4)  # eigvals vs eigh, fp32 features
+    # The feature extractor sees exactly the tokens: RGB palette images map back losslessly.
+    assert torch.equal(images_to_tokens(ev.tokens_to_images(ref, GRID).permute(0, 3, 1, 2)), ref)
+
+
+def test_degraded_samples_score_worse(classifier, sets):
+    ref, train, labels = sets
+    floor = metrics(train, ref, classifier)
+    mild = shuffle_pixels(train, fraction=0.1, seed=1)
+    broken = shuffle_pixels(train, fraction=1.0, seed=2)
+    m_mild, m_broken = metrics(mild, ref, classifier), metrics(broken, ref, classifier)
+    assert floor["fid"] < m_mild["fid"] < m_broken["fid"], (floor, m_mild, m_broken)
+    assert floor["kid_mean"] < m_broken["kid_mean"]
+    assert m_broken["precision"] < floor["precision"] and m_broken["recall"] < floor["recall"]
+    assert m_broken["isc_mean"] < floor["isc_mean"]
+    s_floor, s_mild, s_broken = (ev.structure_metric(t, labels, GRID)["structure"] for t in (train, mild, broken))
+    assert s_floor == 1.0 and s_broken < s_mild < 1.0, (s_floor, s_mild, s_broken)
+
+
+def test_structure_metric_per_class():
+    tokens, labels = ev.split_tokens("shapes", GRID, 3, 20, "train")
+    tokens[labels == 0] = 5  # one colour everywhere: not two alternating stripes
+    s = ev.structure_metric(tokens, labels, GRID)
+    assert s["structure_per_class"]["horizontal_stripes"] == 0.0
+    assert s["structure_per_class"]["frame"] == 1.0
+    assert s["structure"] == pytest.approx(0.9)
+
+
+def test_input_checks(classifier, tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        ev.ImageSet(torch.zeros(2, 8, 8, 3))
+    with pytest.raises(ValueError, match="--inception-weights"):
+        ev.evaluate(ev.parse_args(["--ckpt", "x.pt", "--ref-npz", "ref.npz"]))
+    with pytest.raises(FileNotFoundError, match="classifier weights not found"):
+        load_classifier(str(tmp_path / "missing.pt"))
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    # A 4x4 grid keeps the 16-step sampler and both trainings quick; the 8x8 path is the one the tests above use.
+    train_mod.train(train_mod.parse_args(["--out", str(run), "--grid", "4", "--data-size", "64", "--batch-size", "8",
+                                          "--steps", "5", "--no-progress", "--log-every", "5"]))
+    cache = tmp_path / "cache"
+    argv = ["--ckpt", str(run / "model.pt"), "--n", "40", "--n-ref", "60", "--kid-subsets", "10",
+            "--batch-size", "40", "--classifier-steps", "30", "--cache-dir", str(cache), "--cfg", "1.5"]
+    result = ev.main(argv)
+    printed = capsys.readouterr().out
+    assert "fid" in printed and "data floor" in printed and "structure" in printed
+
+    with open(run / "eval.json") as f:
+        saved = json.load(f)
+    for key in ("fid", "kid_mean", "kid_std", "isc_mean", "precision", "recall", "structure"):
+        assert np.isfinite(saved["metrics"][key]), key
+        assert np.isfinite(saved["floor"][key]), key
+    assert saved["floor"]["structure"] == 1.0 and 0.0 <= saved["metrics"]["structure"] <= 1.0
+    assert saved["n"] == 40 and saved["n_ref"] == 60 and saved["sampling"]["cfg_scale"] == 1.5
+    with np.load(run / "eval.npz") as npz:
+        assert npz["arr_0"].shape == (40, 4, 4, 3) and npz["arr_0"].dtype == np.uint8
+        assert npz["tokens"].shape == (40, 16) and npz["labels"].tolist() == [i % 10 for i in range(40)]
+    assert result["metrics"] == saved["metrics"]
+
+    # Second run: classifier, reference features and floor come from the cache; same seed -> same samples.
+    clf_path = builtin_classifier("shapes", (4, 4), cache_dir=str(cache))
+    stamp = os.path.getmtime(clf_path)
+    cached = sorted(os.listdir(cache / "fidelity-cache"))
+    assert any("heldout-n60" in name for name in cached), cached
+    again = ev.main(argv + ["--out", str(tmp_path / "again.json")])
+    assert os.path.getmtime(clf_path) == stamp
+    assert again["metrics"]["fid"] == pytest.approx(saved["metrics"]["fid"], rel=1e-9)
+    assert again["floor"] == saved["floor"]
+    with np.load(tmp_path / "again.npz") as npz:
+        again_tokens = npz["tokens"]
+    with np.load(run / "eval.npz") as npz:
+        assert np.array_equal(again_tokens, npz["tokens"])
