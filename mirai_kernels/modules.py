@@ -7,6 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .ops.dual_attention import dual_attention as _dual_attention
+from .ops.foresight import fused_linear_cosine_loss as _fused_linear_cosine_loss
+from .ops.foresight import parse_offsets as _parse_offsets
 from .ops.rope import apply_rope_2d, rope_2d_table
 
 
@@ -32,9 +35,6 @@ class Rope2D(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Foresight heads (issue 5)
 # ---------------------------------------------------------------------------------------------------------
-
-from .ops.foresight import fused_linear_cosine_loss as _fused_linear_cosine_loss  # noqa: E402
-from .ops.foresight import parse_offsets as _parse_offsets  # noqa: E402
 
 
 class _SiluBmm(torch.autograd.Function):
@@ -230,8 +230,6 @@ class ForesightHeads(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Foresight attention (issue 4)
 # ---------------------------------------------------------------------------------------------------------
-
-from .ops.dual_attention import dual_attention as _dual_attention  # noqa: E402
 
 
 class ForesightAttention(nn.Module):
