@@ -2,6 +2,7 @@
 structure metric, with the data's own floor beside them.
 
     python -m models.evaluate --ckpt runs/x/model.pt --n 1000
+    torchrun --nproc_per_node 8 -m models.evaluate --ckpt ... --num-samples 50000   # sampling sharded
 
 Metrics (all from **torch-fidelity** 0.4, offline, ``cuda=False`` on CPU), computed between ``--n`` samples and a
 held-out reference split of the training data (same class balance: labels cycle through the classes in both):
@@ -22,7 +23,8 @@ held-out reference split of the training data (same class balance: labels cycle 
   reference batch, ``arr_0`` = (N, H, W, 3) uint8, e.g. ImageNet-256's) it is the reference instead of the held-out
   split, and ``--vq-ckpt`` decodes ImageNet codes to pixels, so such numbers compare with the paper's.
 
-Outputs: a JSON of everything (default ``<ckpt dir>/eval.json``) and an ``.npz`` of the samples usable by other
+Under ``torchrun`` each rank samples its share of the labels (rank ``r``: every ``world``-th, from its own seeded
+stream) and rank 0 gathers them, scores and writes. Outputs: a JSON of everything (default ``<ckpt dir>/eval.json``) and an ``.npz`` of the samples usable by other
 evaluators (default next to the JSON): ``arr_0`` (N, H, W, 3) uint8 images (the ADM evaluator's layout), ``tokens``
 (N, H*W) int64 and ``labels`` (N,).
 """
@@ -47,7 +49,8 @@ from .tokenizer import PaletteTokenizer
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="model.pt (sampling) or last.pt (uses its EMA weights)")
-    p.add_argument("--n", type=int, default=1000, help="number of samples")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=1000, help="number of samples (under "
+                   "torchrun spell it --num-samples: torchrun's own parser takes --n for a prefix of its options)")
     p.add_argument("--n-ref", type=int, default=None, help="reference (held-out) images; default: --n")
     p.add_argument("--data", default="shapes", help="the data the model was trained on (built-in: shapes)")
     p.add_argument("--data-seed", type=int, default=0, help="the training run's --seed: train split = this seed, "
@@ -211,9 +214,33 @@ def inception_metrics(images: torch.Tensor, args, ref_images: torch.Tensor | Non
                             batch_size=64)
 
 
+def gather_shards(mine: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """Reassemble rank-interleaved shards (rank r holds rows r, r + world, ...) into the (n, ...) whole on every
+    rank (``all_gather_object``: works over gloo and NCCL alike, and shards may differ in length by one)."""
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    shards = [None] * world
+    dist.all_gather_object(shards, mine.cpu())
+    # Every rank leaves the group now: scoring is rank 0's alone, and a rank that exits while the group is still
+    # up can tear down its peers' transport mid-run.
+    dist.barrier()
+    dist.destroy_process_group()
+    return interleave(shards, n)
+
+
+def interleave(shards, n: int) -> torch.Tensor:
+    """Inverse of ``[whole[r::world] for r in range(world)]``."""
+    whole = shards[0].new_empty((n, *shards[0].shape[1:]))
+    for r, shard in enumerate(shards):
+        whole[r::len(shards)] = shard
+    return whole
+
+
 def evaluate(args) -> dict:
     """Sample, score, write the JSON and the ``.npz``; returns the JSON's dict."""
-    from .train import load_sampling_model
+    from .train import init_distributed, load_sampling_model
 
     if args.n < 2:
         raise ValueError("--n must be at least 2")
@@ -221,18 +248,24 @@ def evaluate(args) -> dict:
         raise ValueError("--ref-npz is an Inception-feature reference: pass --inception-weights too")
     n_ref = args.n_ref or args.n
     t0 = time.perf_counter()
-    model = load_sampling_model(args.ckpt, args.device)
+    rank, world, device = init_distributed(args.device)
+    model = load_sampling_model(args.ckpt, device)
     config = model.config
     grid = tuple(config.grid)
     labels = class_labels(args.n, config.num_classes)
     sampling = dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    tokens = sample_tokens(model, labels, batch_size=args.batch_size, seed=args.seed, **sampling)
-    sample_s = time.perf_counter() - t0
+    # Rank r samples labels[r::world] from its own stream (rank 0's is the single-process stream).
+    mine = sample_tokens(model, labels[rank::world], batch_size=args.batch_size, seed=args.seed + 1_000_003 * rank,
+                         **sampling)
     del model
+    tokens = gather_shards(mine, args.n, world)
+    sample_s = time.perf_counter() - t0
+    if rank != 0:  # rank 0 scores and writes; the others are done once their shard is in
+        return {"rank": rank}
 
     result = {"ckpt": os.path.abspath(args.ckpt), "n": args.n, "n_ref": n_ref, "data": args.data,
               "data_seed": args.data_seed, "grid": list(grid), "sampling": {**sampling, "seed": args.seed},
-              "sample_s": round(sample_s, 2)}
+              "world_size": world, "sample_s": round(sample_s, 2)}
     if args.vq_ckpt:
         from .vq import VQTokenizer
 
@@ -285,6 +318,8 @@ def evaluate(args) -> dict:
 
 def main(argv=None):
     result = evaluate(parse_args(argv))
+    if result.get("rank", 0) != 0:
+        return result
     metrics, floor = result.get("metrics", {}), result.get("floor", {})
     for key in ("fid", "kid_mean", "isc_mean", "precision", "recall", "structure"):
         if key in metrics:
