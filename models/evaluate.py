@@ -7,9 +7,9 @@ structure metric, with the data's own floor beside them.
 Metrics (all from **torch-fidelity** 0.4, offline, ``cuda=False`` on CPU), computed between ``--n`` samples and a
 held-out reference split of the training data (same class balance: labels cycle through the classes in both):
 
-- ``fid``, ``kid_mean``/``kid_std`` (polynomial-kernel unbiased MMD over ``--kid-subsets`` subsets),
-  ``precision``/``recall``/``f_score`` (k-NN manifolds, k = 3, Kynkäänniemi et al. 2019) on the 64-d penultimate
-  features of the project's own classifier (:mod:`models.classifier`, registered with torch-fidelity as a feature
+- ``fid``, ``kid_mean``/``kid_std`` (polynomial-kernel unbiased MMD over ``--kid-subsets`` subsets of
+  min(1000, N/2) images), ``precision``/``recall``/``f_score`` (k-NN manifolds, k = 3, Kynkäänniemi et al. 2019)
+  on the 64-d penultimate features of the project's own classifier (:mod:`models.classifier`, registered with torch-fidelity as a feature
   extractor, trained on first use and cached under ``--cache-dir``), and ``isc_mean``/``isc_std`` (Inception Score,
   at most the number of classes) on its logits. The reference features/statistics are cached by torch-fidelity
   (keyed by data, grid, seed, size and the classifier file's hash).
@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--no-floor", action="store_true", help="skip the train-vs-held-out reference numbers")
     p.add_argument("--inception-weights", default=None, help="local torch-fidelity inception-v3-compat weights "
                    "file: adds Inception-feature metrics (never downloaded)")
+    p.add_argument("--inception-layer", default="2048", choices=("64", "192", "768", "2048"),
+                   help="Inception feature for FID/KID/PRC (2048: the standard pool features)")
     p.add_argument("--ref-npz", default=None, help="ADM-format reference batch (arr_0: (N, H, W, 3) uint8) for the "
                    "Inception metrics instead of the held-out split; needs --inception-weights")
     p.add_argument("--vq-ckpt", default=None, help="a local LlamaGen VQ checkpoint to decode ImageNet codes to pixels "
@@ -125,12 +127,15 @@ def structure_metric(tokens: torch.Tensor, labels: torch.Tensor, grid) -> dict:
 
 def fidelity_metrics(generated: torch.Tensor, reference: torch.Tensor, *, feature_extractor: str,
                      weights_path: str, cache_root: str | None = None, reference_cache_name: str | None = None,
-                     generated_cache_name: str | None = None, kid_subsets: int = 100, seed: int = 2020,
+                     generated_cache_name: str | None = None, kid_subsets: int = 100,
+                     kid_subset_size: int | None = None, feature_layer: str | None = None, seed: int = 2020,
                      batch_size: int = 500) -> dict:
     """torch-fidelity's FID, KID, IS (of ``generated``) and precision/recall between two (N, H, W, 3) uint8 image
     sets, on ``feature_extractor`` (a registered name) with weights from the local file ``weights_path``.
     ``*_cache_name``: cache that input's features under ``cache_root`` (use for fixed sets only, with a name that
-    changes whenever the images or the extractor weights do)."""
+    changes whenever the images or the extractor weights do). KID subsets default to 1000 images (the usual size)
+    or half the smaller set, so that ``kid_std`` measures something when the sets hold fewer than 2000 images.
+    ``feature_layer``: the extractor's feature for FID/KID/PRC (default: the extractor's own choice)."""
     import torch_fidelity
 
     n_min = min(len(generated), len(reference))
@@ -139,8 +144,10 @@ def fidelity_metrics(generated: torch.Tensor, reference: torch.Tensor, *, featur
     metrics = torch_fidelity.calculate_metrics(
         input1=ImageSet(generated), input2=ImageSet(reference), cuda=False, batch_size=batch_size,
         isc=True, fid=True, kid=True, prc=True, feature_extractor=feature_extractor,
-        feature_extractor_weights_path=weights_path, kid_subsets=kid_subsets, kid_subset_size=min(1000, n_min),
+        feature_extractor_weights_path=weights_path, kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size or min(1000, max(2, n_min // 2)),
         isc_splits=max(1, min(10, len(generated) // 10)), prc_neighborhood=min(3, n_min - 1),
+        feature_layer_fid=feature_layer, feature_layer_kid=feature_layer, feature_layer_prc=feature_layer,
         cache=cache_root is not None, cache_root=cache_root, input1_cache_name=generated_cache_name,
         input2_cache_name=reference_cache_name, rng_seed=seed, save_cpu_ram=True, verbose=False,
     )
@@ -211,7 +218,7 @@ def inception_metrics(images: torch.Tensor, args, ref_images: torch.Tensor | Non
                             weights_path=args.inception_weights, cache_root=os.path.join(args.cache_dir,
                                                                                          "fidelity-cache"),
                             reference_cache_name=ref_name, kid_subsets=args.kid_subsets, seed=args.seed,
-                            batch_size=64)
+                            feature_layer=args.inception_layer, batch_size=64)
 
 
 def gather_shards(mine: torch.Tensor, n: int, world: int) -> torch.Tensor:
@@ -246,6 +253,10 @@ def evaluate(args) -> dict:
         raise ValueError("--n must be at least 2")
     if args.ref_npz and not args.inception_weights:
         raise ValueError("--ref-npz is an Inception-feature reference: pass --inception-weights too")
+    for flag, path in (("--inception-weights", args.inception_weights), ("--ref-npz", args.ref_npz),
+                       ("--classifier", args.classifier), ("--vq-ckpt", args.vq_ckpt)):
+        if path and not os.path.isfile(path):  # before minutes of sampling, not after
+            raise FileNotFoundError(f"{flag}: no such file {path} (nothing is downloaded)")
     n_ref = args.n_ref or args.n
     t0 = time.perf_counter()
     rank, world, device = init_distributed(args.device)

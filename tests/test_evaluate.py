@@ -26,9 +26,11 @@ N = 200
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    model, info = train_classifier(ShapesDataset(2048, seed=11), steps=80, seed=0,
+    # Trained briefly (held-out accuracy ~0.65; the built-in one reaches ~0.99), yet its features already order
+    # floor < 25% shuffled < fully shuffled by a factor ~5 each (0.09 / 2.6 / 14 here).
+    model, info = train_classifier(ShapesDataset(2048, seed=11), steps=80, lr=2e-3, seed=0,
                                    eval_dataset=ShapesDataset(300, seed=12))
-    assert info["heldout_accuracy"] > 0.5, info  # trained briefly, but far above chance (0.1)
+    assert info["heldout_accuracy"] > 0.4, info  # far above chance (0.1)
     path = str(tmp_path_factory.mktemp("clf") / "classifier.pt")
     save_classifier(model, path, info)
     return path
@@ -93,15 +95,19 @@ def test_fid_matches_an_independent_computation(classifier, sets):
 def test_degraded_samples_score_worse(classifier, sets):
     ref, train, labels = sets
     floor = metrics(train, ref, classifier)
-    mild = shuffle_pixels(train, fraction=0.1, seed=1)
+    mild = shuffle_pixels(train, fraction=0.25, seed=1)
     broken = shuffle_pixels(train, fraction=1.0, seed=2)
     m_mild, m_broken = metrics(mild, ref, classifier), metrics(broken, ref, classifier)
     assert floor["fid"] < m_mild["fid"] < m_broken["fid"], (floor, m_mild, m_broken)
     assert floor["kid_mean"] < m_broken["kid_mean"]
     assert m_broken["precision"] < floor["precision"] and m_broken["recall"] < floor["recall"]
     assert m_broken["isc_mean"] < floor["isc_mean"]
-    s_floor, s_mild, s_broken = (ev.structure_metric(t, labels, GRID)["structure"] for t in (train, mild, broken))
-    assert s_floor == 1.0 and s_broken < s_mild < 1.0, (s_floor, s_mild, s_broken)
+    # Structure is all-or-nothing per image: 3 of 64 pixels permuted already break about half of them.
+    slight = shuffle_pixels(train, fraction=0.05, seed=3)
+    s_floor, s_slight, s_mild, s_broken = (ev.structure_metric(t, labels, GRID)["structure"]
+                                           for t in (train, slight, mild, broken))
+    assert s_floor == 1.0 and 0.0 < s_slight < 1.0 and s_mild <= s_slight and s_broken == 0.0, (
+        s_floor, s_slight, s_mild, s_broken)
 
 
 def test_structure_metric_per_class():
@@ -128,12 +134,18 @@ def test_interleave_inverts_rank_sharding():
         assert torch.equal(ev.interleave([whole[r::world] for r in range(world)], 7), whole)
 
 
-def test_cli_end_to_end(tmp_path, capsys):
-    run = tmp_path / "run"
-    # A 4x4 grid keeps the 16-step sampler and both trainings quick; the 8x8 path is the one the tests above use.
-    train_mod.train(train_mod.parse_args(["--out", str(run), "--grid", "4", "--data-size", "64", "--batch-size", "8",
-                                          "--steps", "5", "--no-progress", "--log-every", "5"]))
-    cache = tmp_path / "cache"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 3-step GPT checkpoint on 4x4 shapes (the 16-step sampler keeps the CLI runs quick; the 8x8 path is the
+    one the tests above use) and an evaluation cache directory shared by the CLI tests."""
+    root = tmp_path_factory.mktemp("eval_run")
+    train_mod.train(train_mod.parse_args(["--out", str(root / "run"), "--grid", "4", "--data-size", "64",
+                                          "--batch-size", "8", "--steps", "3", "--no-progress", "--log-every", "3"]))
+    return root / "run", root / "cache"
+
+
+def test_cli_end_to_end(tmp_path, tiny_run, capsys):
+    run, cache = tiny_run
     common = ["--ckpt", str(run / "model.pt"), "--n-ref", "60", "--kid-subsets", "10", "--batch-size", "40",
               "--classifier-steps", "30", "--cache-dir", str(cache), "--cfg", "1.5"]
     argv = common + ["--n", "40"]
@@ -183,3 +195,32 @@ def test_cli_end_to_end(tmp_path, capsys):
     with np.load(tmp_path / "ranks.npz") as npz:
         assert npz["tokens"].shape == (21, 16) and npz["labels"].tolist() == [i % 10 for i in range(21)]
         assert ((npz["tokens"] >= 0) & (npz["tokens"] < 8)).all()  # every row filled by one of the ranks
+
+
+def test_inception_path_with_local_weights_and_adm_reference(tmp_path, tiny_run):
+    """--inception-weights (a local file: here random weights in torch-fidelity's layout, nothing downloaded) and an
+    ADM-format --ref-npz reference: the Inception metrics come out finite and the npz is the reference used.
+    FID on the 64-d Inception features: the standard 2048-d ones cost ~15 s of eigenvalues here."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    with mock.patch.object(fi, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        inception = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "inception.pt"
+    torch.save(inception.state_dict(), weights)
+    ref = ev.tokens_to_images(ev.split_tokens("shapes", (4, 4), 0, 12, "heldout")[0], (4, 4))
+    np.savez(tmp_path / "ref.npz", arr_0=ref.numpy())
+
+    run, cache = tiny_run
+    result = ev.evaluate(ev.parse_args([
+        "--ckpt", str(run / "model.pt"), "--n", "10", "--n-ref", "12", "--kid-subsets", "5", "--no-floor",
+        "--classifier-steps", "30", "--cache-dir", str(cache), "--inception-weights", str(weights),
+        "--inception-layer", "64", "--ref-npz", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "inception.json")]))
+    for key in ("fid", "kid_mean", "isc_mean", "precision", "recall"):
+        assert np.isfinite(result["inception"][key]), (key, result["inception"])
+    assert any(name.startswith("refnpz-") for name in os.listdir(cache / "fidelity-cache"))
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        ev.evaluate(ev.parse_args(["--ckpt", str(run / "model.pt"), "--n", "4", "--no-floor", "--cache-dir",
+                                   str(cache), "--inception-weights", str(tmp_path / "missing.pt")]))
