@@ -9,10 +9,10 @@ held-out reference split of the training data (same class balance: labels cycle 
 
 - ``fid``, ``kid_mean``/``kid_std`` (polynomial-kernel unbiased MMD over ``--kid-subsets`` subsets of
   min(1000, N/2) images), ``precision``/``recall``/``f_score`` (k-NN manifolds, k = 3, Kynkäänniemi et al. 2019)
-  on the 64-d penultimate features of the project's own classifier (:mod:`models.classifier`, registered with torch-fidelity as a feature
-  extractor, trained on first use and cached under ``--cache-dir``), and ``isc_mean``/``isc_std`` (Inception Score,
-  at most the number of classes) on its logits. The reference features/statistics are cached by torch-fidelity
-  (keyed by data, grid, seed, size and the classifier file's hash).
+  on the 64-d penultimate features of the project's own classifier (:mod:`models.classifier`, registered with
+  torch-fidelity as a feature extractor, trained on first use and cached under ``--cache-dir``), and
+  ``isc_mean``/``isc_std`` (Inception Score, at most the number of classes) on its logits. The reference
+  features/statistics are cached by torch-fidelity (keyed by data, grid, seed, size and the classifier's hash).
 - ``structure``: the fraction of samples whose token grid obeys their class's rule
   (:func:`models.data.satisfies_rule`; the data itself scores 1.0), also per class. Needs no network.
 - ``floor``: the same metrics for ``--n`` images of the *training* split against the same reference, i.e. what a
@@ -24,7 +24,11 @@ held-out reference split of the training data (same class balance: labels cycle 
   split, and ``--vq-ckpt`` decodes ImageNet codes to pixels, so such numbers compare with the paper's.
 
 Under ``torchrun`` each rank samples its share of the labels (rank ``r``: every ``world``-th, from its own seeded
-stream) and rank 0 gathers them, scores and writes. Outputs: a JSON of everything (default ``<ckpt dir>/eval.json``) and an ``.npz`` of the samples usable by other
+stream) and rank 0 gathers them, scores and writes. In-process (the convergence study, every few steps): build
+one :class:`Scorer` (classifier and reference features set up once), then call
+``scorer.score(sample_tokens(model, labels, ...), labels)``; ``scorer.floor(n)`` once.
+
+Outputs: a JSON of everything (default ``<ckpt dir>/eval.json``) and an ``.npz`` of the samples usable by other
 evaluators (default next to the JSON): ``arr_0`` (N, H, W, 3) uint8 images (the ADM evaluator's layout), ``tokens``
 (N, H*W) int64 and ``labels`` (N,).
 """
@@ -166,38 +170,57 @@ def split_tokens(data: str, grid, seed: int, n: int, split: str):
     return torch.stack([t for t, _ in items]), torch.tensor([int(l) for _, l in items])
 
 
-def _evaluate_set(tokens, labels, grid, ref_images, *, classifier, cache_dir, ref_cache_name, kid_subsets, seed,
-                  with_structure: bool, gen_cache_name=None):
-    extractor = register_with_torch_fidelity()
-    out = fidelity_metrics(tokens_to_images(tokens, grid), ref_images, feature_extractor=extractor,
-                           weights_path=classifier, cache_root=os.path.join(cache_dir, "fidelity-cache"),
-                           reference_cache_name=ref_cache_name, generated_cache_name=gen_cache_name,
-                           kid_subsets=kid_subsets, seed=seed)
-    if with_structure:
-        out.update(structure_metric(tokens, labels, grid))
-    return out
+class Scorer:
+    """Scores palette-token samples of the built-in data against its held-out split, set up once and reused: the
+    classifier is trained (or loaded) and the reference features cached on construction, so the convergence study
+    can call :meth:`score` every few steps and :meth:`floor` once.
 
+    Arguments: ``data`` / ``grid`` / ``data_seed`` name the training data (reference = the first ``n_ref`` images
+    of its held-out split); ``classifier``: a local classifier file (default: the built-in one for ``data`` at
+    ``grid``, trained with ``classifier_steps`` on first use and cached in ``cache_dir``)."""
 
-def data_floor(data: str, grid, data_seed: int, n: int, ref_images, *, classifier: str, cache_dir: str,
-               ref_cache_name: str, kid_subsets: int = 100) -> dict:
-    """The metrics of ``n`` training-split images against the reference (cached as JSON in ``cache_dir``)."""
-    height, width = grid
-    key = f"floor-{data}-{height}x{width}-seed{data_seed}-n{n}-{ref_cache_name}-kid{kid_subsets}"
-    path = os.path.join(cache_dir, key + ".json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
-    tokens, labels = split_tokens(data, grid, data_seed, n, "train")
-    floor = _evaluate_set(tokens, labels, grid, ref_images, classifier=classifier, cache_dir=cache_dir,
-                          ref_cache_name=ref_cache_name, kid_subsets=kid_subsets, seed=data_seed,
-                          with_structure=data == "shapes")
-    floor["n"] = n
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(floor, f, indent=1)
-    os.replace(tmp, path)
-    return floor
+    def __init__(self, data: str = "shapes", grid=(8, 8), *, data_seed: int = 0, n_ref: int = 1000,
+                 num_classes: int | None = None, cache_dir: str = os.path.join("runs", "eval"),
+                 classifier: str | None = None, classifier_steps: int = 400, kid_subsets: int = 100, seed: int = 0):
+        self.data, self.grid, self.data_seed, self.n_ref = data, tuple(grid), data_seed, n_ref
+        self.cache_dir, self.kid_subsets, self.seed = cache_dir, kid_subsets, seed
+        self.classifier = classifier or builtin_classifier(data, self.grid, cache_dir=cache_dir,
+                                                           steps=classifier_steps)
+        clf = load_classifier(self.classifier)
+        if tuple(clf.grid) != self.grid or (num_classes is not None and clf.config["num_classes"] != num_classes):
+            raise ValueError(f"classifier {self.classifier} is for {clf.grid} grids / {clf.config['num_classes']} "
+                             f"classes; the samples are {self.grid} / {num_classes}")
+        self.digest = file_digest(self.classifier)
+        self.ref_images = tokens_to_images(split_tokens(data, self.grid, data_seed, n_ref, "heldout")[0], self.grid)
+        self.ref_name = f"{data}-{self.grid[0]}x{self.grid[1]}-seed{data_seed}-heldout-n{n_ref}-clf{self.digest}"
+
+    def score(self, tokens: torch.Tensor, labels: torch.Tensor, seed: int | None = None) -> dict:
+        """torch-fidelity metrics of (N, H*W) tokens against the reference, and their structure (``shapes``)."""
+        out = fidelity_metrics(tokens_to_images(tokens, self.grid), self.ref_images,
+                               feature_extractor=register_with_torch_fidelity(), weights_path=self.classifier,
+                               cache_root=os.path.join(self.cache_dir, "fidelity-cache"),
+                               reference_cache_name=self.ref_name, kid_subsets=self.kid_subsets,
+                               seed=self.seed if seed is None else seed)
+        if self.data == "shapes":
+            out.update(structure_metric(tokens, labels, self.grid))
+        return out
+
+    def floor(self, n: int) -> dict:
+        """:meth:`score` of ``n`` training-split images: what a model that reproduces the data would get at this
+        sample size (cached as JSON in ``cache_dir``)."""
+        key = f"floor-n{n}-{self.ref_name}-kid{self.kid_subsets}"
+        path = os.path.join(self.cache_dir, key + ".json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        tokens, labels = split_tokens(self.data, self.grid, self.data_seed, n, "train")
+        floor = {**self.score(tokens, labels, seed=self.data_seed), "n": n}
+        os.makedirs(self.cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(floor, f, indent=1)
+        os.replace(tmp, path)
+        return floor
 
 
 def inception_metrics(images: torch.Tensor, args, ref_images: torch.Tensor | None) -> dict:
@@ -289,28 +312,16 @@ def evaluate(args) -> dict:
             raise ValueError(f"this model has a {config.vocab_size}-token vocabulary; the palette tokenizer decodes "
                              f"{PaletteTokenizer().vocab_size}: pass --vq-ckpt (with --inception-weights)")
         images = tokens_to_images(tokens, grid)
-        classifier = args.classifier or builtin_classifier(args.data, grid, cache_dir=args.cache_dir,
-                                                           steps=args.classifier_steps)
-        clf = load_classifier(classifier)
-        if tuple(clf.grid) != grid or clf.config["num_classes"] != config.num_classes:
-            raise ValueError(f"classifier {classifier} is for {clf.grid} grids / {clf.config['num_classes']} classes; "
-                             f"the model makes {grid} / {config.num_classes}")
-        ref_tokens, ref_labels = split_tokens(args.data, grid, args.data_seed, n_ref, "heldout")
-        ref_images = tokens_to_images(ref_tokens, grid)
-        ref_name = (f"{args.data}-{grid[0]}x{grid[1]}-seed{args.data_seed}-heldout-n{n_ref}"
-                    f"-clf{file_digest(classifier)}")
+        scorer = Scorer(args.data, grid, data_seed=args.data_seed, n_ref=n_ref, num_classes=config.num_classes,
+                        cache_dir=args.cache_dir, classifier=args.classifier, classifier_steps=args.classifier_steps,
+                        kid_subsets=args.kid_subsets, seed=args.seed)
         t1 = time.perf_counter()
-        result["metrics"] = _evaluate_set(tokens, labels, grid, ref_images, classifier=classifier,
-                                          cache_dir=args.cache_dir, ref_cache_name=ref_name,
-                                          kid_subsets=args.kid_subsets, seed=args.seed,
-                                          with_structure=args.data == "shapes")
+        result["metrics"] = scorer.score(tokens, labels)
         result["metrics_s"] = round(time.perf_counter() - t1, 2)
-        result["feature_extractor"] = {"name": "project classifier (models.classifier)", "path":
-                                       os.path.abspath(classifier), "digest": file_digest(classifier)}
+        result["feature_extractor"] = {"name": "project classifier (models.classifier)",
+                                       "path": os.path.abspath(scorer.classifier), "digest": scorer.digest}
         if not args.no_floor:
-            result["floor"] = data_floor(args.data, grid, args.data_seed, args.n, ref_images, classifier=classifier,
-                                         cache_dir=args.cache_dir, ref_cache_name=ref_name,
-                                         kid_subsets=args.kid_subsets)
+            result["floor"] = scorer.floor(args.n)
     if args.inception_weights:
         ref = None if args.ref_npz else tokens_to_images(split_tokens(args.data, grid, args.data_seed, n_ref,
                                                                       "heldout")[0], grid)

@@ -128,6 +128,20 @@ def test_input_checks(classifier, tmp_path):
         load_classifier(str(tmp_path / "missing.pt"))
 
 
+def test_scorer_reuses_its_reference_and_floor(classifier, sets, tmp_path):
+    """The in-process API the convergence study calls every few steps: one Scorer, many score() calls."""
+    _, train, labels = sets
+    scorer = ev.Scorer("shapes", GRID, n_ref=N, num_classes=10, cache_dir=str(tmp_path), classifier=classifier,
+                       kid_subsets=10)
+    floor = scorer.floor(N)
+    assert floor["structure"] == 1.0 and floor["n"] == N
+    assert scorer.score(train, labels, seed=0)["fid"] == pytest.approx(floor["fid"], rel=1e-9)
+    assert scorer.floor(N) == floor  # from the JSON cache
+    assert len([f for f in os.listdir(tmp_path / "fidelity-cache") if scorer.ref_name in f]) == 3
+    with pytest.raises(ValueError, match="is for"):
+        ev.Scorer("shapes", (4, 4), n_ref=20, cache_dir=str(tmp_path), classifier=classifier)
+
+
 def test_interleave_inverts_rank_sharding():
     whole = torch.arange(14).view(7, 2)
     for world in (1, 2, 3, 7):
