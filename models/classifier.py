@@ -4,9 +4,10 @@ FID/KID/precision-recall need a feature space in which "looks like the data" is 
 knows nothing about 8x8 palette images, so the project trains its own: :class:`PaletteClassifier` learns to tell
 the built-in ``shapes`` classes apart (:func:`train_classifier`: 400 steps, ~8 s on 2 idle cores for 8x8, ~70 s
 when they are shared; ~99% held-out accuracy) and its penultimate layer (64-d, post-ReLU like Inception's pool
-features, scaled to unit mean square) is the FID/KID/PRC feature, its logits the Inception-Score feature. :func:`builtin_classifier` trains one on first use and caches it
-(``runs/eval/classifier-<data>-<H>x<W>-seed<S>.pt``); :class:`ClassifierFeatureExtractor` wraps it for
-torch-fidelity (registered under :data:`EXTRACTOR_NAME`, weights from a local file only).
+features, scaled to unit mean square) is the FID/KID/PRC feature, its logits the Inception-Score feature.
+:func:`builtin_classifier` trains one on first use and caches it (``runs/eval/classifier-<data>-<H>x<W>-seed<S>.pt``);
+the ``ClassifierFeatureExtractor`` (:func:`register_with_torch_fidelity`) wraps it for torch-fidelity (registered
+under :data:`EXTRACTOR_NAME`, weights from a local file only).
 
 The classifier is trained on its own split of the data (seed ``CLASSIFIER_SEED_OFFSET`` away from the training and
 held-out splits), so it has seen neither the images a model was trained on nor the reference set.
