@@ -77,12 +77,13 @@ def train_classifier(dataset, *, steps: int = 400, batch_size: int = 64, lr: flo
                      eval_dataset=None, **model_kwargs):
     """Train a :class:`PaletteClassifier` on ``dataset`` (items ``(tokens (H*W,), label)``); returns
     ``(model in eval mode, info dict)`` with the accuracy on ``eval_dataset`` (when given) and the training time."""
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     tokens, labels = _tensors(dataset)
-    model = PaletteClassifier(dataset.vocab_size, dataset.num_classes, (dataset.height, dataset.width),
-                              **model_kwargs)
+    with torch.random.fork_rng(devices=[]):  # a caller mid-training (the convergence study) keeps its RNG stream
+        torch.manual_seed(seed)
+        model = PaletteClassifier(dataset.vocab_size, dataset.num_classes, (dataset.height, dataset.width),
+                                  **model_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()

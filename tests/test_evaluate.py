@@ -28,8 +28,10 @@ N = 200
 def classifier(tmp_path_factory):
     # Trained briefly (held-out accuracy ~0.65; the built-in one reaches ~0.99), yet its features already order
     # floor < 25% shuffled < fully shuffled by a factor ~5 each (0.09 / 2.6 / 14 here).
+    rng = torch.get_rng_state()
     model, info = train_classifier(ShapesDataset(2048, seed=11), steps=80, lr=2e-3, seed=0,
                                    eval_dataset=ShapesDataset(300, seed=12))
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's global RNG stream is left alone
     assert info["heldout_accuracy"] > 0.4, info  # far above chance (0.1)
     path = str(tmp_path_factory.mktemp("clf") / "classifier.pt")
     save_classifier(model, path, info)
