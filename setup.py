@@ -95,7 +95,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "triton; platform_system == 'Linux'", "einops", "numpy", "tqdm"],
     extras_require={
-        "eval": ["torch-fidelity", "scikit-learn", "matplotlib"],
+        # torchvision pinned to the build matching torch 2.14.1, or pip may pull a newer torch with it.
+        "eval": ["torch-fidelity==0.4.0", "torchvision==0.29.1", "scikit-learn", "matplotlib"],
         "test": ["pytest", "pytest-timeout"],
     },
     ext_modules=extensions(),
