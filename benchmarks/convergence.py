@@ -54,10 +54,13 @@ def parse_args(argv=None):
 
 
 def schedule(args) -> dict:
+    """The training CLI's defaults, resolved to steps for the whole run (chunks resume with these fixed values)."""
+    defaults = train_mod.parse_args([])
     return {
-        "warmup": args.warmup if args.warmup is not None else round(0.05 * args.steps),
-        "halve_at": args.halve_at if args.halve_at is not None else round(0.27 * args.steps),
-        "ema_decay": args.ema_decay if args.ema_decay is not None else min(0.9999, 0.5 ** (1 / max(1, 0.1 * args.steps))),
+        "warmup": args.warmup if args.warmup is not None else train_mod.steps_or_fraction(defaults.warmup, args.steps),
+        "halve_at": (args.halve_at if args.halve_at is not None
+                     else train_mod.steps_or_fraction(defaults.halve_at, args.steps)),
+        "ema_decay": args.ema_decay if args.ema_decay is not None else train_mod.default_ema_decay(args.steps),
     }
 
 

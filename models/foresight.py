@@ -4,7 +4,6 @@ Each objective is an ``nn.Module`` holding its training-only parts (foresight he
 
 * ``loss(model, idx, labels, targets, step) -> (loss, metrics)`` — one straight line: GPT forward (hidden state at
   block ``l`` kept) -> targets -> heads through the fused cosine loss;
-* ``head_parameters()`` — parameters the optimizer trains besides the GPT's.
 
 Schedule (MIRAI_SPEC.md): ``loss = NTP + c(step) * sum_k lambda_k * L_k``; ``c`` is 0 during the warm-up (a hard
 switch; the heads stay in the graph with a zero-valued term, as DDP requires) and halves after ``halve_at``.
@@ -59,9 +58,6 @@ class Objective(nn.Module):
         super().__init__()
         self.config = model.config
         self.ema = ema
-
-    def head_parameters(self):
-        return list(self.parameters())
 
     def loss(self, model, idx, labels, targets, step: int, features=None):
         out = model(idx, labels, targets)

@@ -42,6 +42,11 @@ def steps_or_fraction(value: str, total_steps: int) -> int:
     return int(round(number * total_steps)) if number < 1 and "." in value else int(number)
 
 
+def default_ema_decay(total_steps: int) -> float:
+    """A half-life of 10% of the run, capped at the paper's 0.9999."""
+    return min(0.9999, 0.5 ** (1.0 / max(1.0, 0.1 * total_steps)))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=sorted(PRESETS))
@@ -199,7 +204,7 @@ def train(args) -> dict:
         ffn_dropout_p=args.dropout, class_dropout_prob=args.class_dropout,
     )
     model = GPT(config).to(device)
-    ema_decay = args.ema_decay if args.ema_decay is not None else min(0.9999, 0.5 ** (1.0 / max(1.0, 0.1 * args.steps)))
+    ema_decay = args.ema_decay if args.ema_decay is not None else default_ema_decay(args.steps)
     ema = EMA(model, ema_decay)
     warmup = steps_or_fraction(args.warmup, args.steps)
     halve_at = steps_or_fraction(args.halve_at, args.steps)
