@@ -1,15 +1,20 @@
-"""The convergence study: does foresight help, and how fast does it get there? (work in progress: the script runs;
-no committed results yet)
+"""The convergence study: does foresight help, and how fast does it get there?
 
-    python benchmarks/convergence.py                       # CPU default: 4 objectives x 3 seeds, tiny GPT, 8x8 shapes
+    python benchmarks/convergence.py            # CPU default (~25 min on 2 cores): 4 objectives x 3 seeds, micro GPT
     python benchmarks/convergence.py --objectives none mirai-e --seeds 0 --steps 200 --eval-every 100 --n-eval 200
+    python benchmarks/convergence.py --device cuda --model small --grid 16 --steps 4000 --eval-every 500 \\
+        --n-eval 5000 --batch-size 128 --lr 1e-3   # a bigger run for a GPU
 
 Every objective is trained with identical seeds, data and budget. Every ``--eval-every`` steps its EMA weights are
 sampled (``--n-eval`` images, CFG ``--cfg``) and scored by ``models.evaluate.Scorer`` (FID / KID / precision /
 recall on the project's classifier features, and the structure metric), beside the data's own floor. Training is
-resumed chunk by chunk (``--resume`` is exact), so the schedules are given in steps, not fractions: they are stated in
-the output. Writes ``<out>/convergence.json`` (curves, schedules, step times), ``<out>/convergence.md`` (final
-metrics, steps to reach the baseline's final FID, step-time overhead) and, with matplotlib, ``<out>/convergence.png``.
+resumed chunk by chunk (``--resume`` is exact), so the schedules are resolved to steps of the whole run up front and
+stated in the output; ``--stop-after`` replays a prefix of a study (the first chunks are identical). Writes
+``<out>/convergence.json`` (command, environment, schedules, every run's curve and step time, the summary),
+``<out>/convergence.md`` (final metrics with seed spread, steps to reach the baseline's final FID and the implied
+speed-up, step-time overhead) and, with matplotlib, ``<out>/convergence.png`` (FID and structure vs step, one line
+per objective, seed min-max shaded). The classifier behind the metrics and the Mirai-I encoder are trained on first
+use and cached under ``runs/``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -36,13 +42,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="micro")
     p.add_argument("--grid", type=int, default=8)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--eval-every", type=int, default=150)
-    p.add_argument("--n-eval", type=int, default=500, help="samples per evaluation")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=125)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="train and evaluate only up to this step of the --steps schedule (spot checks of a study)")
+    p.add_argument("--n-eval", type=int, default=1000, help="samples per evaluation")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--head-width", type=int, default=None, help="default 4 x dim")
     p.add_argument("--warmup", type=int, default=None, help="foresight warm-up steps (default 5%% of --steps)")
     p.add_argument("--halve-at", type=int, default=None, help="halve λ from this step (default 27%% of --steps)")
@@ -67,7 +75,8 @@ def schedule(args) -> dict:
 def run_one(args, objective: str, seed: int, scorer: Scorer, sched: dict) -> dict:
     out = os.path.join(args.out, f"{objective}-seed{seed}")
     curve, step_times = [], []
-    for step in range(args.eval_every, args.steps + 1, args.eval_every):
+    last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    for step in range(args.eval_every, last + 1, args.eval_every):
         train_args = train_mod.parse_args([
             "--model", args.model, "--objective", objective, "--grid", str(args.grid), "--steps", str(step),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(seed), "--out", out,
@@ -89,76 +98,143 @@ def run_one(args, objective: str, seed: int, scorer: Scorer, sched: dict) -> dic
     return {"objective": objective, "seed": seed, "curve": curve, "step_s": statistics.median(step_times)}
 
 
+METRICS = ("fid", "kid_mean", "precision", "recall", "structure", "ntp")  # curves kept per objective (mean / min / max)
+
+
+def _stats(values: list[float]) -> dict:
+    finite = [v for v in values if v is not None and v == v]
+    if not finite:
+        return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "std": float("nan")}
+    return {"mean": statistics.mean(finite), "min": min(finite), "max": max(finite),
+            "std": statistics.stdev(finite) if len(finite) > 1 else 0.0}
+
+
 def summarise(runs: list[dict], objectives) -> dict:
-    """Per objective: mean / spread of each metric per step, and steps to reach the baseline's final mean FID."""
+    """Per objective: seed mean / min / max / std of each metric at each evaluation, the step time, and (with the
+    ``none`` baseline present) the first evaluation whose mean FID reaches the baseline's final mean FID -- the
+    paper's "N x faster" is the baseline's step count over that one."""
     table = {}
     for objective in objectives:
         mine = [r for r in runs if r["objective"] == objective]
         steps = [p["step"] for p in mine[0]["curve"]]
-        fid = [[r["curve"][i]["fid"] for r in mine] for i in range(len(steps))]
-        structure = [[r["curve"][i].get("structure", float("nan")) for r in mine] for i in range(len(steps))]
-        table[objective] = {
-            "steps": steps,
-            "fid_mean": [statistics.mean(v) for v in fid],
-            "fid_min": [min(v) for v in fid], "fid_max": [max(v) for v in fid],
-            "structure_mean": [statistics.mean(v) for v in structure],
-            "step_s": statistics.median(r["step_s"] for r in mine),
-        }
+        row = {"steps": steps, "seeds": [r["seed"] for r in mine],
+               "step_s": statistics.median(r["step_s"] for r in mine)}
+        for metric in METRICS:
+            per_step = [_stats([r["curve"][i].get(metric) for r in mine]) for i in range(len(steps))]
+            for stat in ("mean", "min", "max", "std"):
+                row[f"{metric}_{stat}"] = [p[stat] for p in per_step]
+        table[objective] = row
     if "none" in table:
-        target = table["none"]["fid_mean"][-1]
+        baseline = table["none"]
+        target = baseline["fid_mean"][-1]
         for row in table.values():
             reached = [s for s, f in zip(row["steps"], row["fid_mean"]) if f <= target]
             row["steps_to_baseline_final_fid"] = reached[0] if reached else None
-            row["step_time_vs_none"] = row["step_s"] / table["none"]["step_s"]
+            row["speedup_to_baseline_final_fid"] = baseline["steps"][-1] / reached[0] if reached else None
+            row["step_time_vs_none"] = row["step_s"] / baseline["step_s"]
     return table
 
 
-def write_outputs(args, sched, floor, runs, table) -> None:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "convergence.json"), "w") as f:
-        json.dump({"args": vars(args), "schedule": sched, "floor": floor, "runs": runs, "summary": table}, f, indent=1)
-    lines = [f"Schedule: warm-up {sched['warmup']} steps, λ halved at {sched['halve_at']}, EMA decay "
-             f"{sched['ema_decay']:.5f}; {len(args.seeds)} seeds; {args.n_eval} samples per evaluation; data floor FID "
-             f"{floor.get('fid', float('nan')):.3f}, structure {floor.get('structure', float('nan')):.3f}.", "",
-             "| objective | final FID (mean, min–max) | final structure | steps to baseline's final FID | step time vs none |",
-             "|---|---|---|---|---|"]
+def _fmt(row: dict, metric: str, digits: int = 3) -> str:
+    mean, lo, hi = row[f"{metric}_mean"][-1], row[f"{metric}_min"][-1], row[f"{metric}_max"][-1]
+    return f"{mean:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def markdown(args, sched, floor, table) -> str:
+    final = table[next(iter(table))]["steps"][-1]
+    lines = [
+        f"Model `{args.model}` on {args.grid}x{args.grid} `shapes`, batch {args.batch_size}, lr {args.lr}, {final} steps; "
+        f"foresight warm-up {sched['warmup']} steps, λ halved at step {sched['halve_at']}, EMA decay "
+        f"{sched['ema_decay']:.5f}; seeds {', '.join(map(str, args.seeds))}; {args.n_eval} samples per evaluation "
+        f"(CFG {args.cfg}). Metrics at step {final}: seed mean (min–max). Data floor (training split vs held-out, "
+        f"same n): FID {floor.get('fid', float('nan')):.3f}, precision {floor.get('precision', float('nan')):.3f}, "
+        f"recall {floor.get('recall', float('nan')):.3f}, structure {floor.get('structure', float('nan')):.3f}.",
+        "",
+        "| objective | FID ↓ | KID×1e3 ↓ | precision ↑ | recall ↑ | structure ↑ | steps to baseline's final FID "
+        "| speed-up | step time vs none |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for objective, row in table.items():
-        lines.append(f"| {objective} | {row['fid_mean'][-1]:.3f} ({row['fid_min'][-1]:.3f}–{row['fid_max'][-1]:.3f}) "
-                     f"| {row['structure_mean'][-1]:.3f} | {row.get('steps_to_baseline_final_fid')} "
-                     f"| {row.get('step_time_vs_none', float('nan')):.2f}x |")
-    with open(os.path.join(args.out, "convergence.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        reached = row.get("steps_to_baseline_final_fid")
+        speedup = row.get("speedup_to_baseline_final_fid")
+        kid = {k: [v * 1e3 for v in row[k]] for k in ("kid_mean_mean", "kid_mean_min", "kid_mean_max")}
+        lines.append(
+            f"| {objective} | {_fmt(row, 'fid')} | {_fmt({**row, **kid}, 'kid_mean', 2)} | {_fmt(row, 'precision')} "
+            f"| {_fmt(row, 'recall')} | {_fmt(row, 'structure')} "
+            f"| {reached if reached is not None else f'not reached in {final}'} "
+            f"| {f'{speedup:.2f}x' if speedup else '–'} | {row.get('step_time_vs_none', float('nan')):.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, table: dict, floor: dict) -> bool:
+    """FID and structure vs step, one line per objective (seed mean), the seed min–max shaded."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: no PNG plot (pip install -e '.[eval]')")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for objective, row in table.items():
-        ax.plot(row["steps"], row["fid_mean"], label=objective)
-        ax.fill_between(row["steps"], row["fid_min"], row["fid_max"], alpha=0.2)
-    ax.axhline(floor.get("fid", 0.0), color="gray", linestyle="--", label="data floor")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("FID (classifier features)")
-    ax.legend()
+        print("matplotlib not installed: no PNG plot (pip install matplotlib)")
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "fid", "FID (classifier features) ↓"), (axes[1], "structure", "structure ↑")):
+        for objective, row in table.items():
+            line, = ax.plot(row["steps"], row[f"{metric}_mean"], marker="o", label=objective)
+            ax.fill_between(row["steps"], row[f"{metric}_min"], row[f"{metric}_max"], color=line.get_color(),
+                            alpha=0.2)
+        if metric in floor:
+            ax.axhline(floor[metric], color="gray", linestyle="--", label="data floor")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "convergence.png"), dpi=120)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def environment() -> dict:
+    import datetime
+    import platform
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+            "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
+            platform.machine(), "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def write_outputs(args, sched, floor, runs, table, wall_s: float | None = None, command: str | None = None) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "convergence.json"), "w") as f:
+        json.dump({"command": command, "args": vars(args), "schedule": sched, "environment": environment(), "wall_s": wall_s,
+                   "floor": floor, "runs": runs, "summary": table}, f, indent=1)
+    text = markdown(args, sched, floor, table)
+    with open(os.path.join(args.out, "convergence.md"), "w") as f:
+        f.write(text)
+    print(text)
+    plot(os.path.join(args.out, "convergence.png"), table, floor)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.eval_every <= 0 or args.steps % args.eval_every:
         raise SystemExit("--steps must be a positive multiple of --eval-every")
+    started = time.perf_counter()
     sched = schedule(args)
     scorer = Scorer("shapes", (args.grid, args.grid))
     floor = scorer.floor(args.n_eval)
     runs = [run_one(args, objective, seed, scorer, sched) for objective in args.objectives for seed in args.seeds]
     table = summarise(runs, args.objectives)
-    write_outputs(args, sched, floor, runs, table)
+    command = "python benchmarks/convergence.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_outputs(args, sched, floor, runs, table, wall_s=time.perf_counter() - started, command=command.strip())
     return table
 
 
