@@ -56,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--halve-at", type=int, default=None, help="halve λ from this step (default 27%% of --steps)")
     p.add_argument("--ema-decay", type=float, default=None, help="default: half-life 10%% of --steps")
     p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--out", default="runs/convergence")
+    p.add_argument("--out", default="runs/convergence", help="results: convergence.json / .md / .png")
+    p.add_argument("--work-dir", default=None, help="checkpoints of every run (default <out>/runs; resumable; "
+                   "keep it out of version control)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--render", action="store_true",
                    help="train nothing: rewrite <out>/convergence.md and .png from <out>/convergence.json")
@@ -75,7 +77,7 @@ def schedule(args) -> dict:
 
 
 def run_one(args, objective: str, seed: int, scorer: Scorer, sched: dict) -> dict:
-    out = os.path.join(args.out, f"{objective}-seed{seed}")
+    out = os.path.join(args.work_dir or os.path.join(args.out, "runs"), f"{objective}-seed{seed}")
     curve, step_times = [], []
     last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     for step in range(args.eval_every, last + 1, args.eval_every):
