@@ -1,6 +1,6 @@
 """The convergence study: does foresight help, and how fast does it get there?
 
-    python benchmarks/convergence.py            # CPU default (~25 min on 2 cores): 4 objectives x 3 seeds, micro GPT
+    python benchmarks/convergence.py            # CPU default (~20 min on 2 cores): 4 objectives x 3 seeds, micro GPT
     python benchmarks/convergence.py --objectives none mirai-e --seeds 0 --steps 200 --eval-every 100 --n-eval 200
     python benchmarks/convergence.py --device cuda --model small --grid 16 --steps 4000 --eval-every 500 \\
         --n-eval 5000 --batch-size 128 --lr 1e-3   # a bigger run for a GPU
@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from common import environment  # noqa: E402
 from models import train as train_mod  # noqa: E402
 from models.evaluate import Scorer, class_labels, sample_tokens  # noqa: E402
 
@@ -102,7 +103,7 @@ def run_one(args, objective: str, seed: int, scorer: Scorer, sched: dict) -> dic
     return {"objective": objective, "seed": seed, "curve": curve, "step_s": statistics.median(step_times)}
 
 
-METRICS = ("fid", "kid_mean", "precision", "recall", "structure", "ntp")  # curves kept per objective (mean / min / max)
+METRICS = ("fid", "kid_mean", "precision", "recall", "structure", "ntp")  # curves kept per objective (seed mean / min / max / std)
 
 
 def _stats(values: list[float]) -> dict:
@@ -197,32 +198,22 @@ def plot(path: str, table: dict, floor: dict) -> bool:
     return True
 
 
-def environment() -> dict:
-    import datetime
-    import platform
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-            "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
-            platform.machine(), "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+def write_report(out: str, args, sched: dict, floor: dict, table: dict) -> None:
+    """``<out>/convergence.md`` (also printed) and ``<out>/convergence.png``."""
+    text = markdown(args, sched, floor, table)
+    with open(os.path.join(out, "convergence.md"), "w") as f:
+        f.write(text)
+    print(text)
+    plot(os.path.join(out, "convergence.png"), table, floor)
 
 
 def write_outputs(args, sched, floor, runs, table, wall_s: float | None = None, command: str | None = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "convergence.json"), "w") as f:
-        json.dump({"command": command, "args": vars(args), "schedule": sched, "environment": environment(), "wall_s": wall_s,
-                   "floor": floor, "runs": runs, "summary": table}, f, indent=1)
-    text = markdown(args, sched, floor, table)
-    with open(os.path.join(args.out, "convergence.md"), "w") as f:
-        f.write(text)
-    print(text)
-    plot(os.path.join(args.out, "convergence.png"), table, floor)
+        json.dump({"command": command, "args": vars(args), "schedule": sched,
+                   "environment": environment(torch.device(args.device)), "wall_s": wall_s, "floor": floor,
+                   "runs": runs, "summary": table}, f, indent=1)
+    write_report(args.out, args, sched, floor, table)
 
 
 def render(out: str) -> dict:
@@ -231,11 +222,7 @@ def render(out: str) -> dict:
         saved = json.load(f)
     args = argparse.Namespace(**saved["args"])
     table = summarise(saved["runs"], args.objectives)
-    text = markdown(args, saved["schedule"], saved["floor"], table)
-    with open(os.path.join(out, "convergence.md"), "w") as f:
-        f.write(text)
-    print(text)
-    plot(os.path.join(out, "convergence.png"), table, saved["floor"])
+    write_report(out, args, saved["schedule"], saved["floor"], table)
     return table
 
 
