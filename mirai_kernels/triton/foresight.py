@@ -19,6 +19,39 @@ EPS = 1e-4  # must equal mirai_kernels.reference.foresight.EPS
 
 
 @triton.jit
+def _paired_rows(tpos_ptr, n_rows, seqlen, n_heads, stride_pb, stride_pn, stride_pk, stride_tb, stride_tn,
+                 BLOCK_R: tl.constexpr):
+    """This program's rows and head, which rows have a target (``tpos >= 0``), and where s and its target start."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k = tl.program_id(1)
+    row_ok = rows < n_rows
+    b = rows // seqlen
+    n = rows % seqlen
+    q = tl.load(tpos_ptr + n * n_heads + k, mask=row_ok, other=-1)
+    valid = row_ok & (q >= 0)
+    s_base = b.to(tl.int64) * stride_pb + n.to(tl.int64) * stride_pn + k * stride_pk
+    t_base = b.to(tl.int64) * stride_tb + tl.maximum(q, 0).to(tl.int64) * stride_tn
+    return rows, k, row_ok, valid, s_base, t_base
+
+
+@triton.jit
+def _pair_sums(proj_ptr, tgt_ptr, s_base, t_base, valid, dim, BLOCK_R: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """<s, t>, |s|^2 and |t|^2 per row in fp32, streaming Z in BLOCK_Z chunks."""
+    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    tt = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for z0 in range(0, dim, BLOCK_Z):
+        z = z0 + tl.arange(0, BLOCK_Z)
+        m = valid[:, None] & (z < dim)[None, :]
+        s = tl.load(proj_ptr + s_base[:, None] + z[None, :], mask=m, other=0.0).to(tl.float32)
+        t = tl.load(tgt_ptr + t_base[:, None] + z[None, :], mask=m, other=0.0).to(tl.float32)
+        dot += tl.sum(s * t, axis=1)
+        ss += tl.sum(s * s, axis=1)
+        tt += tl.sum(t * t, axis=1)
+    return dot, ss, tt
+
+
+@triton.jit
 def _foresight_cos_fwd_kernel(
     proj_ptr,
     tgt_ptr,
@@ -37,26 +70,9 @@ def _foresight_cos_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_Z: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k = tl.program_id(1)
-    row_ok = rows < n_rows
-    b = rows // seqlen
-    n = rows % seqlen
-    q = tl.load(tpos_ptr + n * n_heads + k, mask=row_ok, other=-1)
-    valid = row_ok & (q >= 0)
-    s_base = b.to(tl.int64) * stride_pb + n.to(tl.int64) * stride_pn + k * stride_pk
-    t_base = b.to(tl.int64) * stride_tb + tl.maximum(q, 0).to(tl.int64) * stride_tn
-    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    tt = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for z0 in range(0, dim, BLOCK_Z):
-        z = z0 + tl.arange(0, BLOCK_Z)
-        m = valid[:, None] & (z < dim)[None, :]
-        s = tl.load(proj_ptr + s_base[:, None] + z[None, :], mask=m, other=0.0).to(tl.float32)
-        t = tl.load(tgt_ptr + t_base[:, None] + z[None, :], mask=m, other=0.0).to(tl.float32)
-        dot += tl.sum(s * t, axis=1)
-        ss += tl.sum(s * s, axis=1)
-        tt += tl.sum(t * t, axis=1)
+    rows, k, row_ok, valid, s_base, t_base = _paired_rows(tpos_ptr, n_rows, seqlen, n_heads, stride_pb, stride_pn,
+                                                          stride_pk, stride_tb, stride_tn, BLOCK_R)
+    dot, ss, tt = _pair_sums(proj_ptr, tgt_ptr, s_base, t_base, valid, dim, BLOCK_R, BLOCK_Z)
     cos = dot / (tl.maximum(tl.sqrt(ss), EPS_) * tl.maximum(tl.sqrt(tt), EPS_))
     cos = tl.where(valid, cos, 0.0)
     tl.store(cos_ptr + rows.to(tl.int64) * n_heads + k, cos, mask=row_ok)
@@ -84,27 +100,10 @@ def _foresight_cos_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_Z: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    k = tl.program_id(1)
-    row_ok = rows < n_rows
-    b = rows // seqlen
-    n = rows % seqlen
-    q = tl.load(tpos_ptr + n * n_heads + k, mask=row_ok, other=-1)
-    valid = row_ok & (q >= 0)
+    rows, k, row_ok, valid, s_base, t_base = _paired_rows(tpos_ptr, n_rows, seqlen, n_heads, stride_pb, stride_pn,
+                                                          stride_pk, stride_tb, stride_tn, BLOCK_R)
     g = tl.load(grad_cos_ptr + rows.to(tl.int64) * n_heads + k, mask=valid, other=0.0)
-    s_base = b.to(tl.int64) * stride_pb + n.to(tl.int64) * stride_pn + k * stride_pk
-    t_base = b.to(tl.int64) * stride_tb + tl.maximum(q, 0).to(tl.int64) * stride_tn
-    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    tt = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for z0 in range(0, dim, BLOCK_Z):
-        z = z0 + tl.arange(0, BLOCK_Z)
-        m = valid[:, None] & (z < dim)[None, :]
-        s = tl.load(proj_ptr + s_base[:, None] + z[None, :], mask=m, other=0.0).to(tl.float32)
-        t = tl.load(tgt_ptr + t_base[:, None] + z[None, :], mask=m, other=0.0).to(tl.float32)
-        dot += tl.sum(s * t, axis=1)
-        ss += tl.sum(s * s, axis=1)
-        tt += tl.sum(t * t, axis=1)
+    dot, ss, tt = _pair_sums(proj_ptr, tgt_ptr, s_base, t_base, valid, dim, BLOCK_R, BLOCK_Z)
     norm_s = tl.sqrt(ss)
     inv_s = 1.0 / tl.maximum(norm_s, EPS_)
     inv_t = 1.0 / tl.maximum(tl.sqrt(tt), EPS_)
