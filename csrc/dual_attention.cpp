@@ -362,26 +362,25 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         const float* Qh = head_rows(qp + b * sq.b + h * sq.h, sq.s, S, D, Q.data(), ldq);
         std::fill(dQ.begin(), dQ.end(), 0.f);
         // Row terms D = rowsum(dO * O) and the per-region (lse, dO, D) triples; fp32 tensors are read in place.
+        // One region's rows of dO (read in place when fp32), its D and its lse.
+        auto region_terms = [&](const T* op, const Strides& so, const T* dop, const Strides& sdo, const float* lsep,
+                                std::vector<float>& dO_buf, int& ld_do, std::vector<float>& Dr,
+                                std::vector<float>& lse) {
+          int ld_o;
+          const float* Oh = head_rows(op + b * so.b + h * so.h, so.s, S, D, tmp.data(), ld_o);
+          const float* dOh = head_rows(dop + b * sdo.b + h * sdo.h, sdo.s, S, D, dO_buf.data(), ld_do);
+          for (int i = 0; i < S; ++i) {
+            Dr[i] = row_dot(dOh + (size_t)i * ld_do, Oh + (size_t)i * ld_o, D);
+            lse[i] = lsep[(b * H + h) * S + i];
+          }
+          return dOh;
+        };
         const float* dOCh = nullptr;
         const float* dOUh = nullptr;
         int ld_oc = D, ld_ou = D;
-        if (has_c) {
-          int ld_o;
-          const float* Oh = head_rows(ocp + b * soc.b + h * soc.h, soc.s, S, D, tmp.data(), ld_o);
-          dOCh = head_rows(docp + b * sdoc.b + h * sdoc.h, sdoc.s, S, D, dOC.data(), ld_oc);
-          for (int i = 0; i < S; ++i) {
-            DC[i] = row_dot(dOCh + (size_t)i * ld_oc, Oh + (size_t)i * ld_o, D);
-            lseC[i] = lcp[(b * H + h) * S + i];
-          }
-        }
+        if (has_c) dOCh = region_terms(ocp, soc, docp, sdoc, lcp, dOC, ld_oc, DC, lseC);
         if (has_b) {
-          int ld_o;
-          const float* Oh = head_rows(obp + b * sob.b + h * sob.h, sob.s, S, D, tmp.data(), ld_o);
-          dOUh = head_rows(dobp + b * sdob.b + h * sdob.h, sdob.s, S, D, dOU.data(), ld_ou);
-          for (int i = 0; i < S; ++i) {
-            DU[i] = row_dot(dOUh + (size_t)i * ld_ou, Oh + (size_t)i * ld_o, D);
-            lseU[i] = lbp[(b * H + h) * S + i];
-          }
+          dOUh = region_terms(obp, sob, dobp, sdob, lbp, dOU, ld_ou, DU, lseU);
           if (has_c) {
             // dOC may alias the dOC buffer (widened input): the update is elementwise, so in place is fine.
             for (int i = 0; i < S; ++i) {
