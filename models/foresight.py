@@ -6,11 +6,23 @@ Each objective is an ``nn.Module`` holding its training-only parts (foresight he
   block ``l`` kept) -> targets -> heads through the fused cosine loss;
 
 Schedule (MIRAI_SPEC.md): ``loss = NTP + c(step) * sum_k lambda_k * L_k``; ``c`` is 0 during the warm-up (a hard
-switch; the heads stay in the graph with a zero-valued term, as DDP requires) and halves after ``halve_at``.
+switch; the heads stay in the graph with a zero-valued term, as DDP requires) and halves from ``halve_at`` on —
+for Mirai-E only: the official Mirai-I keeps its multiplier at 1.0 in both branches, so ``mirai-i`` (and our
+``mirai-s``) never halve, whatever ``halve_at`` says.
+
+Precision (the official scripts): the student runs under the caller's autocast (bf16 on GPU); the targets — the
+EMA teacher's pass and the frozen Mirai-I encoder — are computed in fp32 with autocast switched off, so they are not
+rounded to bf16. ``teacher_autocast=True`` (``--bf16-teacher``) lets them run under the caller's autocast instead: a
+speed option, not the paper.
+
+Projector width: 2048 (``Linear d->2048, SiLU, 2048->2048, SiLU, 2048->z``, the paper's and the official code's) for
+every model with ``d >= 512`` (GPT-B/L/XL); the small CPU presets scale it as ``4 * d`` (micro 512, tiny 1024, small
+1536): :func:`default_head_width`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Optional
 
@@ -21,6 +33,13 @@ from torch import nn
 import mirai_kernels as mk
 
 OBJECTIVES = ("none", "mirai-e", "mirai-s", "mirai-i")
+PAPER_HEAD_WIDTH = 2048
+
+
+def default_head_width(dim: int) -> int:
+    """The foresight projector width: the paper's 2048 for ``dim >= 512`` (GPT-B and up), ``4 * dim`` below
+    (a scaled rule for the small CPU presets only, so their heads stay proportionate to the model)."""
+    return min(PAPER_HEAD_WIDTH, 4 * dim)
 
 
 class EMA:
@@ -68,8 +87,10 @@ class ForesightObjective(Objective):
     """Shared machinery: K foresight heads on the state after block ``layer``, weighted by ``head_weights``."""
 
     def __init__(self, model, *, ema, offsets, layer: int, head_width: int, head_weights, warmup_steps: int,
-                 halve_at: Optional[int], z_dim: int, boundary: str = "raster", align_prefix: bool = True):
+                 halve_at: Optional[int], z_dim: int, boundary: str = "raster", align_prefix: bool = True,
+                 teacher_autocast: bool = False):
         super().__init__(model, ema=ema)
+        self.teacher_autocast = teacher_autocast
         config = model.config
         if not 1 <= layer <= config.n_layer:
             raise ValueError(f"foresight layer must be in [1, {config.n_layer}], got {layer}")
@@ -84,9 +105,14 @@ class ForesightObjective(Objective):
         patch-indexed encoder features ``(B, H*W, Z)`` from the data, when it has them (Mirai-I)."""
         raise NotImplementedError
 
+    def target_precision(self, device_type: str):
+        """The context the targets are computed in: autocast off (fp32 teacher / encoder, as the official code),
+        unless ``teacher_autocast`` keeps the caller's autocast."""
+        return contextlib.nullcontext() if self.teacher_autocast else torch.autocast(device_type, enabled=False)
+
     def loss(self, model, idx, labels, targets, step: int, features=None):
         out = model(idx, labels, targets, **self.student_kwargs())
-        with torch.no_grad():
+        with torch.no_grad(), self.target_precision(idx.device.type):
             feature_targets = self.targets(model, out, idx, labels, targets, features)
         total, per_head = self.heads(out["hidden"], feature_targets)
         scale = foresight_scale(step, self.warmup_steps, self.halve_at)
@@ -110,10 +136,10 @@ class MiraiE(ForesightObjective):
     name = "mirai-e"
 
     def __init__(self, model, *, ema, layer, head_width, warmup_steps, halve_at, head_weight: float = 2.0,
-                 offsets=((0, 0), (0, 1), (1, 0)), boundary: str = "raster"):
+                 offsets=((0, 0), (0, 1), (1, 0)), boundary: str = "raster", teacher_autocast: bool = False):
         super().__init__(model, ema=ema, offsets=list(offsets), layer=layer, head_width=head_width,
                          head_weights=[head_weight] * len(offsets), warmup_steps=warmup_steps, halve_at=halve_at,
-                         z_dim=model.config.dim, boundary=boundary)
+                         z_dim=model.config.dim, boundary=boundary, teacher_autocast=teacher_autocast)
 
     def targets(self, model, student_out, idx, labels, tokens, features=None):
         return self.ema.model(idx, labels, stop_at=self.layer, hidden_layer=self.layer)["hidden"].float()
@@ -127,13 +153,14 @@ class MiraiS(ForesightObjective):
 
     name = "mirai-s"
 
-    def __init__(self, model, *, ema, layer, head_width, warmup_steps, halve_at, head_weight: float = 2.0,
-                 offsets=((0, 0),), source: str = "teacher"):
+    def __init__(self, model, *, ema, layer, head_width, warmup_steps, head_weight: float = 2.0,
+                 offsets=((0, 0),), source: str = "teacher", teacher_autocast: bool = False):
         if source not in ("teacher", "self"):
             raise ValueError(f"mirai-s source must be 'teacher' or 'self', got {source!r}")
+        # An implicit (bidirectional) target like Mirai-I's, so no halving either.
         super().__init__(model, ema=ema, offsets=list(offsets), layer=layer, head_width=head_width,
-                         head_weights=[head_weight] * len(offsets), warmup_steps=warmup_steps, halve_at=halve_at,
-                         z_dim=model.config.dim)
+                         head_weights=[head_weight] * len(offsets), warmup_steps=warmup_steps, halve_at=None,
+                         z_dim=model.config.dim, teacher_autocast=teacher_autocast)
         self.source = source
 
     def student_kwargs(self) -> dict:
@@ -155,12 +182,12 @@ class MiraiS(ForesightObjective):
 class MiraiI(ForesightObjective):
     """Implicit foresight from a frozen bidirectional encoder: its feature of grid cell ``j`` (it has seen the whole
     image) is the target of the student state that consumed ``z_j``; one head at offset 0, the class position not
-    aligned, no warm-up (the paper's Mirai-I)."""
+    aligned, no warm-up and no halving (the official Mirai-I: its multiplier is 1.0 in both branches)."""
 
     name = "mirai-i"
 
-    def __init__(self, model, *, encoder: Optional[nn.Module], layer, head_width, halve_at, head_weight: float = 2.0,
-                 warmup_steps: int = 0, z_dim: Optional[int] = None):
+    def __init__(self, model, *, encoder: Optional[nn.Module], layer, head_width, head_weight: float = 2.0,
+                 warmup_steps: int = 0, z_dim: Optional[int] = None, teacher_autocast: bool = False):
         if encoder is None and z_dim is None:
             raise ValueError("mirai-i needs a frozen encoder, or z_dim when the data carries precomputed features")
         if z_dim is None:
@@ -168,8 +195,8 @@ class MiraiI(ForesightObjective):
             with torch.no_grad():
                 z_dim = encoder(probe).shape[-1]
         super().__init__(model, ema=None, offsets=[0], layer=layer, head_width=head_width,
-                         head_weights=[head_weight], warmup_steps=warmup_steps, halve_at=halve_at, z_dim=z_dim,
-                         align_prefix=False)
+                         head_weights=[head_weight], warmup_steps=warmup_steps, halve_at=None, z_dim=z_dim,
+                         align_prefix=False, teacher_autocast=teacher_autocast)
         self.encoder = encoder.eval().requires_grad_(False) if encoder is not None else None
 
     def train(self, mode: bool = True):
@@ -190,24 +217,26 @@ class MiraiI(ForesightObjective):
 def build_objective(name: str, model, *, ema: Optional[EMA], layer: Optional[int] = None,
                     head_width: Optional[int] = None, warmup_steps: int = 0, halve_at: Optional[int] = None,
                     mirai_s_source: str = "teacher", boundary: str = "raster",
-                    encoder: Optional[nn.Module] = None, feature_dim: Optional[int] = None) -> Objective:
-    """Build an objective by name. ``layer`` defaults to round(2/3 of the depth) (8 of 12 for GPT-B);
-    ``head_width`` to 4 x dim (the paper's 2048 is for GPT-B and up)."""
+                    encoder: Optional[nn.Module] = None, feature_dim: Optional[int] = None,
+                    teacher_autocast: bool = False) -> Objective:
+    """Build an objective by name. ``layer`` defaults to round(2/3 of the depth) (8 / 16 / 24 for GPT-B / L / XL);
+    ``head_width`` to :func:`default_head_width` (2048 for GPT-B and up). ``halve_at`` acts on ``mirai-e`` only."""
     config = model.config
     layer = layer or max(1, round(2 * config.n_layer / 3))
-    head_width = head_width or 4 * config.dim
+    head_width = head_width or default_head_width(config.dim)
     if name == "none":
         return Objective(model)
     if name == "mirai-i":
         if encoder is None and feature_dim is None:
             raise ValueError("mirai-i needs a frozen encoder (see models.encoder) or precomputed features")
-        return MiraiI(model, encoder=encoder, layer=layer, head_width=head_width, halve_at=halve_at,
-                      z_dim=feature_dim)
+        return MiraiI(model, encoder=encoder, layer=layer, head_width=head_width, z_dim=feature_dim,
+                      teacher_autocast=teacher_autocast)
     if ema is None:
         raise ValueError(f"{name} needs an EMA teacher")
-    common = dict(ema=ema, layer=layer, head_width=head_width, warmup_steps=warmup_steps, halve_at=halve_at)
+    common = dict(ema=ema, layer=layer, head_width=head_width, warmup_steps=warmup_steps,
+                  teacher_autocast=teacher_autocast)
     if name == "mirai-e":
-        return MiraiE(model, boundary=boundary, **common)
+        return MiraiE(model, boundary=boundary, halve_at=halve_at, **common)
     if name == "mirai-s":
         return MiraiS(model, source=mirai_s_source, **common)
     raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
