@@ -25,8 +25,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens strictly before it already reach top_p (the first one always stays).
+        # Drop a token when the tokens strictly before it already reach top_p. The most likely one always stays,
+        # explicitly: for top_p <= 0 the rule alone would drop it too (0 >= 0), leaving only -inf (then argmax
+        # picks token 0); LlamaGen keeps it, so top_p = 0 is greedy.
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
 
@@ -39,6 +42,16 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
     return (x >> 16) ^ x
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit values (int64 tensor) -> fp32 uniforms strictly inside (0, 1).
+
+    The top 23 bits ``k`` map to ``(k + 0.5) / 2^23``: ``k + 0.5`` has at most 24 significant bits, so every step
+    is exact in fp32 and the extremes are ``2^-24`` and ``1 - 2^-24``. (Keeping 24 bits, ``(k + 0.5) / 2^24``
+    needs 25 significant bits and rounds ``k = 2^24 - 1`` to exactly 1.0: Gumbel noise +inf, which samples a token
+    whatever its probability, even one the top-k/top-p filter removed.)"""
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 class DeviceRNG:
@@ -55,7 +68,7 @@ class DeviceRNG:
         self.counter += 1
         index = torch.arange(torch.Size(shape).numel(), device=self.key.device).view(shape)
         bits = _hash32(index ^ _hash32(self.key ^ _hash32(self.counter & _MASK32)))
-        return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+        return bits_to_uniform(bits)
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
@@ -64,8 +77,22 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: 
     Gumbel-max trick on ``rng``'s uniforms. temperature 0 = greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    gumbel = -torch.log(-torch.log(rng.uniform(logits.shape)))
-    return (filter_logits(logits / temperature, top_k, top_p) + gumbel).argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        # Only the top_k survivors can be drawn, so only they get noise: k uniforms per row instead of V (2000 of
+        # 16384 at LlamaGen's top_k), and a removed token cannot win by construction. top-p then applies among
+        # the survivors, as filter_logits does after its top-k mask. Ties at the k-th value keep exactly k.
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        values = filter_logits(values, 0, top_p)
+        pick = (values + _gumbel(rng, values.shape)).argmax(-1, keepdim=True)
+        return indices.gather(-1, pick).squeeze(-1)
+    return (filter_logits(logits, 0, top_p) + _gumbel(rng, logits.shape)).argmax(-1)
+
+
+def _gumbel(rng: DeviceRNG, shape) -> torch.Tensor:
+    """Standard Gumbel noise, finite everywhere because the uniforms lie strictly inside (0, 1): a filtered
+    (-inf) logit stays -inf after the noise is added."""
+    return -torch.log(-torch.log(rng.uniform(shape)))
 
 
 def seed_from(generator: Optional[torch.Generator]) -> int:
