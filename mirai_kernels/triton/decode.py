@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
+from ._compat import loop_bound
 
 _LOG2E = 1.4426950408889634
 
@@ -182,7 +183,7 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = k_cache_ptr + b64 * stride_kb + hk * stride_kh
     v_base = v_cache_ptr + b64 * stride_vb + hk * stride_vh
-    for key0 in range(start, end, BLOCK_N):
+    for key0 in range(loop_bound(start), loop_bound(end), BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
         kv_mask = key_ok[:, None] & d_ok[None, :]

@@ -18,11 +18,14 @@ own a query block. Scores are kept in base 2 (``exp2``), with the scale folded i
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
+from ._compat import loop_bound
 
 LOG2E = 1.4426950408889634
 
@@ -63,7 +66,7 @@ def _fwd_kernel(
     acc_u = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # Region C: keys [0, m0), visible to every row (BLOCK_N divides BLOCK_M, so no chunk straddles m0).
-    for n0 in range(0, m0, BLOCK_N):
+    for n0 in range(0, loop_bound(m0), BLOCK_N):
         cols = n0 + offs_n
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
@@ -76,7 +79,7 @@ def _fwd_kernel(
         m_c = m_new
 
     # Diagonal: keys [m0, m0 + BLOCK_M), split by j <= i.
-    for n0 in range(m0, m0 + BLOCK_M, BLOCK_N):
+    for n0 in range(loop_bound(m0), loop_bound(m0 + BLOCK_M), BLOCK_N):
         cols = n0 + offs_n
         n_ok = cols < seqlen
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
@@ -103,7 +106,7 @@ def _fwd_kernel(
 
     # Region U: keys [m0 + BLOCK_M, S), in every row's future.
     if BIDIR:
-        for n0 in range(m0 + BLOCK_M, seqlen, BLOCK_N):
+        for n0 in range(loop_bound(m0 + BLOCK_M), loop_bound(seqlen), BLOCK_N):
             cols = n0 + offs_n
             n_ok = cols < seqlen
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
@@ -171,13 +174,13 @@ def _bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    for h in range(hk * group, hk * group + group):
+    for h in range(loop_bound(hk * group), loop_bound(hk * group + group)):
         q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
         doc_base = doc_ptr + b.to(tl.int64) * stride_gb + h * stride_gh
         dou_base = dou_ptr + b.to(tl.int64) * stride_ub + h * stride_uh
         row_base = (b * nheads + h).to(tl.int64) * seqlen
         # Query blocks at or after the key block: causal keys for them (the diagonal block mixes C and U).
-        for m0 in range(n0, seqlen, BLOCK):
+        for m0 in range(loop_bound(n0), loop_bound(seqlen), BLOCK):
             offs_m = m0 + offs_m0
             m_ok = offs_m < seqlen
             q_mask = m_ok[:, None] & d_ok[None, :]
@@ -208,7 +211,7 @@ def _bwd_dkdv_kernel(
                 tl.atomic_add(dq_acc_ptr + dq_rows[:, None] + offs_d[None, :], dq_part, mask=q_mask)
         if HAS_U:
             # Query blocks before the key block: these keys are in their future.
-            for m0 in range(0, n0, BLOCK):
+            for m0 in range(0, loop_bound(n0), BLOCK):
                 offs_m = m0 + offs_m0
                 q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
                 do_u = tl.load(dou_base + offs_m[:, None] * stride_us + offs_d[None, :], mask=d_ok[None, :], other=0.0)
@@ -272,7 +275,7 @@ def _bwd_dq_kernel(
     v_base = v_ptr + b.to(tl.int64) * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     # Keys up to and including the diagonal block.
-    for n0 in range(0, m0 + BLOCK, BLOCK):
+    for n0 in range(0, loop_bound(m0 + BLOCK), BLOCK):
         cols = n0 + offs_n0
         n_ok = cols < seqlen
         kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -291,7 +294,7 @@ def _bwd_dq_kernel(
                 ds += p_u * (dp_u - d_u[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     if HAS_U:
-        for n0 in range(m0 + BLOCK, seqlen, BLOCK):
+        for n0 in range(loop_bound(m0 + BLOCK), loop_bound(seqlen), BLOCK):
             cols = n0 + offs_n0
             n_ok = cols < seqlen
             kv_mask = n_ok[:, None] & d_ok[None, :]
@@ -363,7 +366,9 @@ def _bwd_preprocess_kernel(
 # ---------------------------------------------------------------------------------------------------------
 
 # GPU (fwd): (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_N divides BLOCK_M. Two fp32 accumulators of
-# BLOCK_M x head_dim live in registers, so head_dim 128 keeps BLOCK_M at 64.
+# BLOCK_M x head_dim live in registers, so head_dim 128 keeps BLOCK_M at 64. The autotune list is pruned to two
+# configs per head dim (every one AOT-compiled for sm_90 in CI), so a cold run compiles at most two per variant;
+# the first is the default that MIRAI_AUTOTUNE=0 launches alone.
 _FWD_CONFIGS = {64: [(128, 64, 8, 3), (64, 64, 4, 3)], 128: [(64, 64, 4, 3), (64, 32, 4, 3)]}
 # GPU (bwd): (BLOCK, num_warps, num_stages), fixed per head dim.
 _BWD_CONFIG = {64: (64, 4, 2), 128: (64, 8, 2)}
@@ -387,6 +392,12 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 _autotuned_fwd = None
+
+
+def _autotune_enabled() -> bool:
+    """``MIRAI_AUTOTUNE=0`` launches the first config of :data:`_FWD_CONFIGS` instead of autotuning over the
+    (already pruned, all AOT-checked) list: one compile per kernel variant, for runs whose time is compile-bound."""
+    return os.environ.get("MIRAI_AUTOTUNE", "1") != "0"
 
 
 def _fwd_launcher():
@@ -433,9 +444,13 @@ def dual_attention_fwd(q, k, v, softmax_scale: float, causal: bool, bidirectiona
     )
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal, BIDIR=bidirectional,
                 PREC=_prec(q.dtype))
-    if triton_interpreted() or q.dtype == torch.float32:
-        block_m, block_n, warps, stages = ((_INTERP_BLOCK, _INTERP_BLOCK, 4, 1) if triton_interpreted()
-                                           else _FP32_FWD_CONFIG)
+    if triton_interpreted() or q.dtype == torch.float32 or not _autotune_enabled():
+        if triton_interpreted():
+            block_m, block_n, warps, stages = _INTERP_BLOCK, _INTERP_BLOCK, 4, 1
+        elif q.dtype == torch.float32:
+            block_m, block_n, warps, stages = _FP32_FWD_CONFIG
+        else:  # MIRAI_AUTOTUNE=0: the first (default) config of the head-dim class, one compile per variant
+            block_m, block_n, warps, stages = _FWD_CONFIGS[_head_dim_key(head_dim)][0]
         grid = (triton.cdiv(seqlen, block_m), batch * nheads)
         _fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     else:

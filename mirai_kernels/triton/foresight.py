@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
+from ._compat import loop_bound
 
 EPS = 1e-4  # must equal mirai_kernels.reference.foresight.EPS
 
@@ -40,7 +41,7 @@ def _pair_sums(proj_ptr, tgt_ptr, s_base, t_base, valid, dim, BLOCK_R: tl.conste
     dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
     ss = tl.zeros((BLOCK_R,), dtype=tl.float32)
     tt = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for z0 in range(0, dim, BLOCK_Z):
+    for z0 in range(0, loop_bound(dim), BLOCK_Z):
         z = z0 + tl.arange(0, BLOCK_Z)
         m = valid[:, None] & (z < dim)[None, :]
         s = tl.load(proj_ptr + s_base[:, None] + z[None, :], mask=m, other=0.0).to(tl.float32)
@@ -115,7 +116,7 @@ def _foresight_cos_bwd_kernel(
     c = tl.where(norm_s >= EPS_, g * cos * inv_s * inv_s, 0.0)
     # The output is contiguous (B, N, K, Z): row r, head k starts at (r * K + k) * Z.
     o_base = (rows.to(tl.int64) * n_heads + k) * dim
-    for z0 in range(0, dim, BLOCK_Z):
+    for z0 in range(0, loop_bound(dim), BLOCK_Z):
         z = z0 + tl.arange(0, BLOCK_Z)
         m = valid[:, None] & (z < dim)[None, :]
         s = tl.load(proj_ptr + s_base[:, None] + z[None, :], mask=m, other=0.0).to(tl.float32)
