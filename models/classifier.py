@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, require_keys
 from .tokenizer import DEFAULT_PALETTE
 
 EXTRACTOR_NAME = "mirai-palette-classifier"
@@ -111,19 +112,18 @@ def accuracy(model: PaletteClassifier, tokens: torch.Tensor, labels: torch.Tenso
 
 def save_classifier(model: PaletteClassifier, path: str, info: dict | None = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save({"kind": "palette_classifier", "config": model.config, "state_dict": model.state_dict(),
-                "info": info or {}}, tmp)
-    os.replace(tmp, path)  # atomic: concurrent evaluations never read a half-written file
+    # atomic: concurrent evaluations never read a half-written file
+    atomic_save({"kind": "palette_classifier", "config": model.config, "state_dict": model.state_dict(),
+                 "info": info or {}}, path)
 
 
 def load_classifier(path: str) -> PaletteClassifier:
-    """A :class:`PaletteClassifier` from a local checkpoint written by :func:`save_classifier`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"classifier weights not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    """A :class:`PaletteClassifier` from a local checkpoint written by :func:`save_classifier` (weights only:
+    :func:`models.checkpoint.load_checkpoint`)."""
+    obj = load_checkpoint(path, what="classifier weights")
     if not (isinstance(obj, dict) and obj.get("kind") == "palette_classifier"):
-        raise RuntimeError(f"{path} is not a palette-classifier checkpoint")
+        raise CheckpointError(f"{path!r} is not a palette-classifier checkpoint")
+    require_keys(obj, path, ["config", "state_dict"], "palette-classifier checkpoint")
     model = PaletteClassifier(**obj["config"])
     model.load_state_dict(obj["state_dict"])
     return model.eval().requires_grad_(False)

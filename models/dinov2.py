@@ -19,6 +19,14 @@ Mirai-I target: :meth:`DinoV2.forward_patch_features` on the ImageNet-normalised
 gives the final-LayerNorm-ed patch tokens ``(B, 256, D)`` in raster order, patch ``k`` aligned with code ``k`` of
 the 256 px crop's 16x16 VQ grid. :func:`imagenet_preprocess` turns LlamaGen's [-1, 1] crops (or uint8 images) into
 that input.
+
+Prepared as Mirai prepares it (the official ``train_c2i_Mirai_I.py``; the default of :mod:`models.extract_features`):
+the position table is resampled **once** to the 16x16 grid with :func:`resample_abs_pos_embed` (timm's semantics:
+size-based bicubic *with* antialiasing, in fp32; :meth:`DinoV2.resample_pos_embed_`), after which DINOv2's own
+per-forward interpolation is the identity at 224 px; the crops are resized 256 -> 224 with plain bicubic (no
+antialiasing, no clamp; ``imagenet_preprocess(resize="bicubic")``). Our earlier preparation stays as an option
+(``resize="antialias"`` and no resampling, i.e. DINOv2's scale-factor interpolation at every forward): on a
+random 37x37 table the two position tables differ by ~7% (mean relative), and the features differ accordingly.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DinoV2", "DinoV2Config", "ARCHS", "dinov2_config", "imagenet_preprocess", "IMAGENET_MEAN", "IMAGENET_STD"]
+from .checkpoint import UnsafeCheckpointError, load_checkpoint
+
+__all__ = ["DinoV2", "DinoV2Config", "ARCHS", "dinov2_config", "imagenet_preprocess", "resample_abs_pos_embed",
+           "RESIZES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -246,6 +257,19 @@ class DinoV2(nn.Module):
         table = table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
         return torch.cat([pos[:, :1].float(), table], dim=1).to(pos.dtype)
 
+    def resample_pos_embed_(self, grid_h: int, grid_w: Optional[int] = None) -> "DinoV2":
+        """Replace the stored position table by its :func:`resample_abs_pos_embed` to a ``grid_h x grid_w`` patch
+        grid, once (the official Mirai-I preparation: 16x16 for 224 px), so that inputs of that size use it as is.
+        Square grids only (the stored table must stay square for :meth:`interpolate_pos_encoding`). Returns self."""
+        grid_w = grid_h if grid_w is None else grid_w
+        if grid_h != grid_w or grid_h < 1:
+            raise ValueError(f"DINOv2: resample_pos_embed_ needs a square grid, got {grid_h}x{grid_w}")
+        with torch.no_grad():
+            table = resample_abs_pos_embed(self.pos_embed.detach(), (grid_h, grid_w), num_prefix_tokens=1)
+        self.pos_embed = nn.Parameter(table, requires_grad=self.pos_embed.requires_grad)
+        self.config = replace(self.config, img_size=grid_h * self.config.patch_size)
+        return self
+
     # ------------------------------------------------------------------------------------------------ forward
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
@@ -311,8 +335,10 @@ class DinoV2(nn.Module):
             raise FileNotFoundError(f"DINOv2 checkpoint not found: {path!r} (nothing is downloaded: pass a local "
                                     f"state_dict such as dinov2_vitb14_pretrain.pth)")
         try:
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # torch raises many types for truncated/foreign files
+            obj = load_checkpoint(path, map_location=map_location, what="DINOv2 checkpoint")
+        except UnsafeCheckpointError:
+            raise
+        except Exception as exc:  # truncated / foreign files
             raise ValueError(f"DINOv2 checkpoint {path!r} is corrupt or not a torch state_dict: "
                              f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         state = _unwrap_state_dict(obj, path)
@@ -386,15 +412,51 @@ def _guess_arch(state: Dict[str, torch.Tensor]) -> Optional[str]:
     return f"embed_dim={norm.shape[0]}, depth={depth}{', with register tokens' if reg else ''}"
 
 
-def imagenet_preprocess(images: torch.Tensor, size: Optional[int] = 224, value_range: str = "auto") -> torch.Tensor:
+def resample_abs_pos_embed(pos_embed: torch.Tensor, new_size, *, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """A ViT absolute position table resampled to ``new_size = (h, w)`` patches with timm's
+    ``resample_abs_pos_embed`` semantics (what the official Mirai-I applies to DINOv2 once): the ``num_prefix_tokens``
+    leading rows (class token) untouched; the patch rows, a square ``M x M`` grid, resized **by size** with bicubic
+    interpolation **with antialiasing**, computed in fp32 and cast back to the table's dtype. The table itself when
+    it already has ``h * w`` patch rows and ``h == w``.
+
+    ``pos_embed``: ``(1, num_prefix_tokens + M*M, D)``; returns ``(1, num_prefix_tokens + h*w, D)``."""
+    h, w = (new_size, new_size) if isinstance(new_size, int) else tuple(new_size)
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"resample_abs_pos_embed: pos_embed must be (1, prefix + M*M, D), got "
+                         f"{tuple(pos_embed.shape)}")
+    n = pos_embed.shape[1] - num_prefix_tokens
+    if n == h * w and h == w:
+        return pos_embed
+    m = math.isqrt(n)
+    if m * m != n:
+        raise ValueError(f"resample_abs_pos_embed: {n} patch rows are not a square grid")
+    prefix, table = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = table.shape[-1]
+    grid = table.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)
+    table = grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, table], dim=1)
+
+
+# How crops are resized to the encoder's input: "bicubic" = the official Mirai-I (plain bicubic, no antialiasing, no
+# clamp); "antialias" = our earlier choice (antialiased bicubic as torchvision's tensor Resize, then clamped).
+RESIZES = ("bicubic", "antialias")
+
+
+def imagenet_preprocess(images: torch.Tensor, size: Optional[int] = 224, value_range: str = "auto",
+                        resize: str = "bicubic") -> torch.Tensor:
     """Images -> the DINOv2 input: ``(B, 3, size, size)`` fp32, ImageNet mean/std normalised.
 
     ``images``: ``(B, 3, H, W)`` or ``(3, H, W)``; ``uint8`` in [0, 255], or floating point in [-1, 1] (LlamaGen's
-    normalisation; ``value_range="auto"`` or ``"-1,1"``) or in [0, 1] (``value_range="0,1"``). Resized with
-    anti-aliased bicubic (the resampling torchvision's ``Resize`` uses on tensors) when the size differs, then
-    clamped to the valid range, so a 256 px LlamaGen crop becomes the 224 px, 16x16-patch view of the same content.
+    normalisation; ``value_range="auto"`` or ``"-1,1"``) or in [0, 1] (``value_range="0,1"``). When the size
+    differs, resized so a 256 px LlamaGen crop becomes the 224 px, 16x16-patch view of the same content:
+    ``resize="bicubic"`` (default) as the official Mirai-I — ``F.interpolate(mode="bicubic")``, no antialiasing,
+    no clamp (bicubic overshoot at edges is kept; normalising before or after the resize is the same linear map);
+    ``resize="antialias"``: antialiased bicubic (torchvision's tensor ``Resize``), then clamped to [0, 1].
     ``size=None`` keeps the resolution.
     """
+    if resize not in RESIZES:
+        raise ValueError(f"imagenet_preprocess: resize must be one of {RESIZES}, got {resize!r}")
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"imagenet_preprocess: expected a tensor, got {type(images).__name__}")
     if images.dim() == 3:
@@ -413,8 +475,9 @@ def imagenet_preprocess(images: torch.Tensor, size: Optional[int] = 224, value_r
     else:
         raise ValueError(f"imagenet_preprocess: images must be uint8 or floating point, got {images.dtype}")
     if size is not None and tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    x = x.clamp(0.0, 1.0)
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=resize == "antialias", align_corners=False)
+    if resize == "antialias":
+        x = x.clamp(0.0, 1.0)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std

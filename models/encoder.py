@@ -3,8 +3,9 @@ patch-indexed features ``(B, H*W, Z)``.
 
 Nothing is downloaded. The built-in :class:`TokenEncoder` is a small bidirectional transformer trained here by
 masked-token prediction on the training data (:func:`train_token_encoder`, well under a minute on a CPU for 8x8 shapes) and
-cached on disk; :func:`load_encoder` loads any saved encoder (a ``torch.save``-d module or a built-in checkpoint)
-from a local path, so a user can plug in their own (e.g. DINOv2 features precomputed per crop).
+cached on disk; :func:`load_encoder` loads a built-in encoder checkpoint from a local path through the one safe
+loader (:mod:`models.checkpoint`: weights only, so a whole pickled ``nn.Module`` is refused: it could run code). Plug
+in an encoder of your own as precomputed per-crop features (``--features-dir``, e.g. DINOv2's).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, require_keys
 
 
 class TokenEncoder(nn.Module):
@@ -64,23 +67,18 @@ def train_token_encoder(dataset, *, steps: int = 200, batch_size: int = 32, mask
 
 def save_encoder(encoder: TokenEncoder, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save({"kind": "token_encoder", "config": encoder.config, "state_dict": encoder.state_dict()}, tmp)
-    os.replace(tmp, path)
+    atomic_save({"kind": "token_encoder", "config": encoder.config, "state_dict": encoder.state_dict()}, path)
 
 
 def load_encoder(path: str) -> nn.Module:
-    """Load a frozen encoder from a local file: a built-in checkpoint or a whole ``torch.save``-d module."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"encoder file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, nn.Module):
-        encoder = obj
-    elif isinstance(obj, dict) and obj.get("kind") == "token_encoder":
-        encoder = TokenEncoder(**obj["config"])
-        encoder.load_state_dict(obj["state_dict"])
-    else:
-        raise RuntimeError(f"{path} holds neither an nn.Module nor a built-in encoder checkpoint")
+    """Load a frozen built-in encoder from a local file written by :func:`save_encoder` (weights only:
+    :func:`models.checkpoint.load_checkpoint`; a pickled module is refused with a message)."""
+    obj = require_keys(load_checkpoint(path, what="encoder file"), path, ["kind", "config", "state_dict"],
+                       "built-in encoder checkpoint")
+    if obj["kind"] != "token_encoder":
+        raise CheckpointError(f"{path!r} is not a built-in encoder checkpoint (kind {obj['kind']!r})")
+    encoder = TokenEncoder(**obj["config"])
+    encoder.load_state_dict(obj["state_dict"])
     return encoder.eval().requires_grad_(False)
 
 

@@ -45,33 +45,34 @@ import torch
 from torch.utils.data import Dataset
 
 from .classifier import builtin_classifier, file_digest, load_classifier, register_with_torch_fidelity
+from .cli import int_at_least, nonneg_int, positive_int, run_main
 from .data import CLASS_NAMES, build_dataset, satisfies_rule
 from .generate import generate
+from .sample import add_sampling_args, check_sampling_request
 from .tokenizer import PaletteTokenizer
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="model.pt (sampling) or last.pt (uses its EMA weights)")
-    p.add_argument("--n", "--num-samples", dest="n", type=int, default=1000, help="number of samples (under "
-                   "torchrun spell it --num-samples: torchrun's own parser takes --n for a prefix of its options)")
-    p.add_argument("--n-ref", type=int, default=None, help="reference (held-out) images; default: --n")
+    p.add_argument("--n", "--num-samples", dest="n", type=int_at_least(2), default=1000, help="number of samples "
+                   "(under torchrun spell it --num-samples: torchrun's own parser takes --n for a prefix of its "
+                   "options)")
+    p.add_argument("--n-ref", type=int_at_least(2), default=None, help="reference (held-out) images; default: --n")
     p.add_argument("--data", default="shapes", help="the data the model was trained on (built-in: shapes)")
-    p.add_argument("--data-seed", type=int, default=0, help="the training run's --seed: train split = this seed, "
-                   "reference = its held-out split")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--batch-size", type=int, default=250, help="sampling batch")
+    p.add_argument("--data-seed", type=nonneg_int, default=0, help="the training run's --seed: train split = this "
+                   "seed, reference = its held-out split")
+    add_sampling_args(p)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", type=positive_int, default=250, help="sampling batch")
     p.add_argument("--out", default=None, help="JSON path (default: <ckpt dir>/eval.json)")
     p.add_argument("--npz", default=None, help="samples .npz path (default: the JSON path with .npz)")
     p.add_argument("--cache-dir", default=os.path.join("runs", "eval"), help="classifier, reference features, floor")
     p.add_argument("--classifier", default=None, help="a local classifier file (default: the built-in one, trained "
                    "on first use and cached in --cache-dir)")
-    p.add_argument("--classifier-steps", type=int, default=400, help="training steps of the built-in classifier")
-    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--classifier-steps", type=positive_int, default=400,
+                   help="training steps of the built-in classifier")
+    p.add_argument("--kid-subsets", type=positive_int, default=100)
     p.add_argument("--no-floor", action="store_true", help="skip the train-vs-held-out reference numbers")
     p.add_argument("--inception-weights", default=None, help="local torch-fidelity inception-v3-compat weights "
                    "file: adds Inception-feature metrics (never downloaded)")
@@ -284,6 +285,7 @@ def evaluate(args) -> dict:
     t0 = time.perf_counter()
     rank, world, device = init_distributed(args.device)
     model = load_sampling_model(args.ckpt, device)
+    check_sampling_request(model, cfg=args.cfg)  # before minutes of sampling
     config = model.config
     grid = tuple(config.grid)
     labels = class_labels(args.n, config.num_classes)
@@ -354,4 +356,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "models.evaluate")

@@ -13,25 +13,52 @@ import os
 
 import torch
 
+from .checkpoint import atomic_save
+from .cli import UsageError, float_in, nonneg_int, positive_int, probability, run_main
 from .data import CLASS_NAMES, satisfies_rule
 from .generate import generate
 from .tokenizer import PaletteTokenizer, image_grid, write_png
 from .train import load_sampling_model
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags shared with :mod:`models.evaluate`, each validated at parse time."""
+    p.add_argument("--cfg", type=float_in(1.0), default=2.0, help="classifier-free guidance scale >= 1 (1 = off; "
+                   "> 1 needs a model trained with --class-dropout > 0)")
+    p.add_argument("--temperature", type=float_in(0.0), default=1.0, help=">= 0 (0 = greedy)")
+    p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus in [0, 1] (1 = off, 0 = greedy)")
+
+
+def has_null_class(model) -> bool:
+    """Whether ``model`` has the null-class embedding row that classifier-free guidance samples from (trained
+    with class dropout > 0)."""
+    table = model.cls_embedding.embedding_table
+    return table.num_embeddings > model.config.num_classes
+
+
+def check_sampling_request(model, *, cfg: float, classes=()) -> None:
+    """Refuse, naming the flag, what ``model`` cannot sample: a class index it does not have, or guidance
+    (``--cfg`` > 1) without a null class (``generate`` would fail deep inside with an IndexError)."""
+    num_classes = model.config.num_classes
+    bad = [c for c in classes or () if not 0 <= c < num_classes]
+    if bad:
+        raise UsageError(f"--classes {bad}: this model has {num_classes} classes (valid: 0..{num_classes - 1})")
+    if cfg > 1.0 and not has_null_class(model):
+        raise UsageError(f"--cfg {cfg:g} needs the null class of classifier-free guidance, and this model has none "
+                         f"(it was trained with --class-dropout 0): pass --cfg 1 to sample without guidance")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="model.pt (sampling) or last.pt (uses its EMA weights)")
     p.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint, samples.png)")
-    p.add_argument("--n", type=int, default=40)
-    p.add_argument("--classes", type=int, nargs="*", default=None)
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--scale", type=int, default=8, help="pixels per token in the PNG")
+    p.add_argument("--n", type=positive_int, default=40)
+    p.add_argument("--classes", type=nonneg_int, nargs="*", default=None)
+    add_sampling_args(p)
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--scale", type=positive_int, default=8, help="pixels per token in the PNG")
     p.add_argument("--vq-ckpt", default=None, help="a local LlamaGen VQ checkpoint (vq_ds16_c2i.pt) to decode "
                    "ImageNet codes; default: the built-in palette tokenizer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -42,6 +69,7 @@ def main(argv=None):
     args = parse_args(argv)
     model = load_sampling_model(args.ckpt, args.device)
     config = model.config
+    check_sampling_request(model, cfg=args.cfg, classes=args.classes)
     classes = args.classes if args.classes else list(range(config.num_classes))
     labels = torch.tensor([classes[i % len(classes)] for i in range(args.n)])
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -67,7 +95,7 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_png(out, image_grid(images, ncols=len(classes) if len(classes) <= 16 else 8, scale=args.scale))
-    torch.save({"tokens": tokens, "labels": labels, "grid": config.grid}, os.path.splitext(out)[0] + ".pt")
+    atomic_save({"tokens": tokens, "labels": labels, "grid": config.grid}, os.path.splitext(out)[0] + ".pt")
     if config.num_classes == len(CLASS_NAMES):
         ok = sum(satisfies_rule(t.view(*config.grid), int(l)) for t, l in zip(tokens, labels))
         print(f"structure: {ok}/{args.n} samples obey their class's rule")
@@ -75,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "models.sample")

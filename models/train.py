@@ -29,6 +29,9 @@ import time
 
 import torch
 
+from .checkpoint import CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint, require_keys, truncate_log
+from .cli import (UsageError, dropout_rate, float_in, fraction_or_steps, int_at_least, nonneg_float, nonneg_int,
+                  positive_float, positive_int, run_main)
 from .data import build_dataset
 from .encoder import builtin_encoder, load_encoder
 from .foresight import EMA, OBJECTIVES, build_objective
@@ -54,30 +57,38 @@ def parse_args(argv=None):
     p.add_argument("--data", default="shapes", help="shapes (built in), digits (needs scikit-learn) or "
                    "llamagen-codes (with --code-path)")
     p.add_argument("--code-path", default=None, help="llamagen-codes: LlamaGen's extract_codes_c2i.py output dir")
-    p.add_argument("--image-size", type=int, default=256, help="llamagen-codes: image size of the code files")
+    p.add_argument("--image-size", type=positive_int, default=256,
+                   help="llamagen-codes: image size of the code files")
     p.add_argument("--features-dir", default=None, help="llamagen-codes + mirai-i: per-crop encoder features")
-    p.add_argument("--data-size", type=int, default=4096, help="shapes: number of training images")
-    p.add_argument("--grid", type=int, default=8, help="shapes: image side in tokens")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--dropout", type=float, default=0.1, help="token / residual / FFN dropout (LlamaGen: 0.1)")
-    p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout to the null class (CFG)")
-    p.add_argument("--ema-decay", type=float, default=None, help="default: half-life of 10%% of the run, <= 0.9999")
-    p.add_argument("--foresight-layer", type=int, default=None, help="block l (1-based); default round(2/3 depth)")
-    p.add_argument("--head-width", type=int, default=None, help="foresight head width; default 4 x dim")
-    p.add_argument("--warmup", default="0.05", help="foresight off for these steps (int) or fraction (float)")
-    p.add_argument("--halve-at", default="0.27", help="halve the foresight weight from here (steps or fraction)")
+    p.add_argument("--data-size", type=positive_int, default=4096, help="shapes: number of training images")
+    p.add_argument("--grid", type=int_at_least(2), default=8, help="shapes: image side in tokens")
+    p.add_argument("--steps", type=positive_int, default=300)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.05)
+    p.add_argument("--grad-clip", type=float_in(0.0, lo_open=True, allow_inf=True), default=1.0,
+                   help="max global gradient norm (inf: no clipping)")
+    p.add_argument("--dropout", type=dropout_rate, default=0.1,
+                   help="token / residual / FFN dropout (LlamaGen: 0.1)")
+    p.add_argument("--class-dropout", type=dropout_rate, default=0.1, help="label dropout to the null class (CFG)")
+    p.add_argument("--ema-decay", type=float_in(0.0, 1.0, hi_open=True), default=None,
+                   help="default: half-life of 10%% of the run, <= 0.9999")
+    p.add_argument("--foresight-layer", type=positive_int, default=None, help="block l (1-based, <= depth); "
+                   "default (unset): round(2/3 depth)")
+    p.add_argument("--head-width", type=positive_int, default=None, help="foresight head width; default 4 x dim")
+    p.add_argument("--warmup", default="0.05", type=fraction_or_steps,
+                   help="foresight off for these steps (int) or fraction (float)")
+    p.add_argument("--halve-at", default="0.27", type=fraction_or_steps,
+                   help="halve the foresight weight from here (steps or fraction)")
     p.add_argument("--mirai-s-source", default="teacher", choices=("teacher", "self"))
     p.add_argument("--boundary", default="raster", choices=("raster", "grid"))
     p.add_argument("--encoder", default=None, help="mirai-i: a local encoder file (default: the built-in one, "
                    "trained on first use and cached under runs/encoders/)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", default="runs/train")
-    p.add_argument("--ckpt-every", type=int, default=0, help="write last.pt every N steps (0: only at the end)")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=nonneg_int, default=0,
+                   help="write last.pt every N steps (0: only at the end)")
+    p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--compile", action="store_true", help="torch.compile the GPT")
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard parameters, gradients and optimizer "
@@ -114,28 +125,18 @@ def collate(dataset, indices):
     return tokens, labels, features
 
 
-def atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise RuntimeError(f"checkpoint {path} is unreadable or corrupt ({type(exc).__name__}: {exc})") from exc
-
-
 def load_sampling_model(path: str, device="cpu") -> GPT:
-    """A plain GPT from a sampling checkpoint (``model.pt``) or a training checkpoint (``last.pt``: its EMA)."""
-    ckpt = load_checkpoint(path)
-    if "config" not in ckpt or ("model" not in ckpt and "ema" not in ckpt):
-        raise RuntimeError(f"{path} is not a mirai checkpoint (keys: {sorted(ckpt)[:8]})")
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"], strict=True)
+    """A plain GPT from a sampling checkpoint (``model.pt``) or a training checkpoint (``last.pt``: its EMA),
+    read by :func:`models.checkpoint.load_checkpoint` (weights_only; errors name the file)."""
+    ckpt = require_keys(load_checkpoint(path, what="--ckpt"), path, ["config"], "mirai checkpoint")
+    if "model" not in ckpt and "ema" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a mirai checkpoint: no 'model' or 'ema' weights "
+                              f"(its keys: {sorted(map(str, ckpt))[:8]})")
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"], strict=True)
+    except (TypeError, RuntimeError) as exc:  # unknown config fields, weights of another shape
+        raise CheckpointError(f"{path!r}: its weights do not fit its own config ({str(exc)[:300]})") from exc
     return model.to(device).eval()
 
 
@@ -190,6 +191,42 @@ def init_distributed(device_name: str):
     return dist.get_rank(), world, device
 
 
+# The flags that fix a run's data order and architecture: a resume must keep them.
+RUN_DEFINING = ("seed", "data", "data_size", "grid", "image_size", "code_path", "features_dir", "batch_size", "model",
+                "objective")
+
+
+def _flag(name: str, value) -> str:
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def read_resume_state(path: str, args, total_steps: int) -> dict:
+    """``last.pt`` for ``--resume``, checked against this run before anything is written (a refusal leaves the
+    run directory as it was): the run must not end before the checkpoint's step (training "back" to an earlier
+    step would overwrite later weights with a lower step count, and a later resume would repeat steps), and the
+    flags that fix the data order and the model (``RUN_DEFINING``: seed, data, batch size, ...) must be the
+    checkpoint's."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: there is no checkpoint to resume from at {path!r} (start without --resume)")
+    state = require_keys(load_checkpoint(path, what="--resume checkpoint"), path,
+                         ["model", "ema", "objective", "optimizer", "rng", "step"], "training checkpoint (last.pt)")
+    step = int(state["step"])
+    if total_steps < step:
+        raise UsageError(f"--resume with --steps {total_steps}: {path} is already at step {step}. Training to an "
+                         f"earlier step would overwrite its later weights under a lower step count (and a later "
+                         f"resume would repeat steps), so nothing was done and {path} is untouched: pass --steps >= "
+                         f"{step} to continue, or another --out to start a new run.")
+    saved = state.get("args") or {}
+    changed = [name for name in RUN_DEFINING if name in saved and saved[name] != getattr(args, name, None)]
+    if changed:
+        asked = ", ".join(_flag(name, getattr(args, name, None)) for name in changed)
+        had = ", ".join(_flag(name, saved[name]) for name in changed)
+        raise UsageError(f"--resume: this run asks for {asked} but {path} was written with {had}. These fix the data "
+                         f"order and the model, so the resumed run would silently differ from the one it continues; "
+                         f"nothing was done and {path} is untouched: resume with {had}, or use another --out.")
+    return state
+
+
 def train(args) -> dict:
     rank, world, device = init_distributed(args.device)
     if args.batch_size % world:
@@ -198,11 +235,23 @@ def train(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     dataset = build_dataset(args.data, size=args.data_size, grid=args.grid, seed=args.seed, code_path=args.code_path,
                             image_size=args.image_size, features_dir=args.features_dir)
+    if args.batch_size > len(dataset):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} images): every "
+                         f"step would silently train on a smaller batch than asked")
+    last_path = os.path.join(args.out, "last.pt")
+    # Checked before anything in --out is written, against the resolved total step count.
+    state = read_resume_state(last_path, args, args.steps) if args.resume else None
+    if rank == 0:  # temp files of a writer that was killed mid-save
+        for name in ("last.pt", "model.pt"):
+            clean_stale_tmp(os.path.join(args.out, name))
     config = config_from_preset(
         args.model, grid=(dataset.height, dataset.width), vocab_size=dataset.vocab_size,
         num_classes=dataset.num_classes, token_dropout_p=args.dropout, resid_dropout_p=args.dropout,
         ffn_dropout_p=args.dropout, class_dropout_prob=args.class_dropout,
     )
+    if args.objective != "none" and args.foresight_layer is not None and args.foresight_layer > config.n_layer:
+        raise UsageError(f"--foresight-layer {args.foresight_layer}: the {args.model} model has {config.n_layer} "
+                         f"blocks (valid: 1..{config.n_layer})")
     model = GPT(config).to(device)
     ema_decay = args.ema_decay if args.ema_decay is not None else default_ema_decay(args.steps)
     ema = EMA(model, ema_decay)
@@ -236,9 +285,7 @@ def train(args) -> dict:
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     start_step = 0
-    last_path = os.path.join(args.out, "last.pt")
-    if args.resume:
-        state = load_checkpoint(last_path)
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         objective.load_state_dict(state["objective"])
@@ -267,6 +314,8 @@ def train(args) -> dict:
             atomic_save({"config": config.__dict__, **state, "rng": torch.get_rng_state(), "step": step,
                          "args": vars(args)}, last_path)
 
+    if is_main and args.resume:  # rows a killed run logged after its last checkpoint are logged again below
+        truncate_log(os.path.join(args.out, "metrics.jsonl"), start_step)
     log = open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") if is_main else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
@@ -336,4 +385,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "models.train")

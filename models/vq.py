@@ -19,15 +19,15 @@ in reverse order (``decoder.conv_blocks.0`` is the coarsest), three res blocks p
 
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .checkpoint import LLAMAGEN_TYPES, CheckpointError, UnsafeCheckpointError, load_checkpoint
 
 __all__ = ["VQConfig", "VQTokenizer", "VQ_16", "VQ_8", "VQ_PRESETS"]
 
@@ -276,10 +276,11 @@ class VQTokenizer(nn.Module):
             raise FileNotFoundError(f"VQ checkpoint not found: {path!r} (nothing is downloaded; pass a local "
                                     f"LlamaGen vq_ds16_c2i.pt)")
         try:
-            # LlamaGen's training checkpoints also pickle their argparse.Namespace; allow that one class only.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location=map_location, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+            # LlamaGen's training checkpoints also pickle their argparse.Namespace: the one extra type allowed.
+            obj = load_checkpoint(path, map_location=map_location, allow=LLAMAGEN_TYPES, what="VQ checkpoint")
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as exc:
             raise ValueError(f"VQ checkpoint {path!r} is not a readable torch checkpoint "
                              f"(corrupt, truncated or not a weights file): {exc}") from exc
         state = _unwrap_state_dict(obj, path)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import mirai_kernels as mk
 from models import foresight as fs
+from models.checkpoint import load_checkpoint
 from models.data import CLASS_NAMES, ShapesDataset, satisfies_rule
 from models.generate import filter_logits, generate
 from models.gpt import GPT, build_gpt
@@ -315,7 +316,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_sampling_checkpoint_has_no_heads_and_loads_strictly(tmp_path):
     train_mod.train(train_args(tmp_path, "--steps", "1", "--objective", "mirai-s", "--head-width", "32"))
-    ckpt = torch.load(tmp_path / "model.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "model.pt")
     assert set(ckpt) == {"config", "model"}
     assert not any("heads" in k or "projector" in k for k in ckpt["model"])
     GPT(build_gpt("tiny", grid=4, vocab_size=8, num_classes=10).config).load_state_dict(ckpt["model"], strict=True)
@@ -342,7 +343,7 @@ def test_short_training_learns_and_samples(tmp_path):
 
     sample.main(["--ckpt", str(tmp_path / "last.pt"), "--n", "10", "--out", str(tmp_path / "s.png")])
     assert os.path.getsize(tmp_path / "s.png") > 100
-    saved = torch.load(tmp_path / "s.pt")
+    saved = load_checkpoint(tmp_path / "s.pt")
     assert saved["tokens"].shape == (10, 16)
 
 

@@ -1,0 +1,112 @@
+"""Shared argparse ``type=`` validators and error handling for the ``models`` command lines.
+
+Every numeric flag of ``models.train`` / ``models.sample`` / ``models.evaluate`` is parsed by one of these, so a
+value that would do harm (a negative step count, a probability of 2, ...) is refused at parse time; argparse prints
+``argument --flag: <why>`` and exits with status 2. Each message states the valid range.
+
+    positive_int, nonneg_int, int_at_least(n)             integers (no "2.5", no "1e3")
+    positive_float, nonneg_float, float_in(lo, hi, ...)   finite floats (nan / inf refused unless allowed)
+    probability (0 <= p <= 1), dropout_rate (0 <= p < 1)
+    fraction_or_steps                                     a step count (int >= 0) or a fraction of the run in [0, 1)
+
+:class:`UsageError` is for a bad request found after parsing (e.g. ``--classes 12`` for a 10-class model);
+:func:`run_main` turns it, and checkpoint errors, into a one-line message and exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+class UsageError(ValueError):
+    """A command-line request that cannot be honoured; the message names the flag."""
+
+
+def int_at_least(lo: int):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value!r}") from None
+        if number < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {number}")
+        return number
+
+    parse.__name__ = f"int_at_least_{lo}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+
+
+def _interval(lo, hi, lo_open, hi_open) -> str:
+    left = "-inf" if lo is None else repr(lo)
+    right = "inf" if hi is None else repr(hi)
+    return f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+
+
+def float_in(lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False, allow_inf: bool = False):
+    """A float in the interval from ``lo`` to ``hi`` (``None``: unbounded; ``*_open``: that end excluded)."""
+    interval = _interval(lo, hi, lo_open, hi_open)
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {value!r}") from None
+        if math.isnan(number) or (math.isinf(number) and not allow_inf):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {value!r}")
+        if ((lo is not None and (number < lo or (lo_open and number == lo)))
+                or (hi is not None and (number > hi or (hi_open and number == hi)))):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {number:g}")
+        return number
+
+    parse.__name__ = f"float_in_{interval}"
+    return parse
+
+
+positive_float = float_in(0.0, lo_open=True)
+nonneg_float = float_in(0.0)
+probability = float_in(0.0, 1.0)
+dropout_rate = float_in(0.0, 1.0, hi_open=True)  # p = 1 drops everything: nothing would be learned
+
+
+def parse_fraction_or_steps(value: str) -> float | int:
+    """``"15"`` -> 15 steps; ``"0.05"`` -> the fraction 0.05 of the run. Raises ``ValueError`` otherwise."""
+    text = str(value).strip()
+    try:
+        return int(text)  # steps; int() refuses "2.5" and "1e3"
+    except ValueError:
+        pass
+    number = float(text)  # ValueError for non-numbers
+    if not 0.0 <= number < 1.0:
+        raise ValueError(f"a fraction of the run must be in [0, 1) and a step count an integer >= 0, got {value!r}")
+    return number
+
+
+def fraction_or_steps(value: str) -> str:
+    """argparse type: a step count (integer >= 0) or a fraction of the run in [0, 1); returns the text unchanged
+    (resolved against ``--steps`` later)."""
+    try:
+        number = parse_fraction_or_steps(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count (integer >= 0) or a fraction of the run in [0, 1), "
+                                         f"got {value!r}") from None
+    if isinstance(number, int) and number < 0:
+        raise argparse.ArgumentTypeError(f"a step count must be >= 0, got {number}")
+    return str(value).strip()
+
+
+def run_main(main, prog: str) -> None:
+    """Run ``main()`` as a command: a :class:`UsageError` or a checkpoint error becomes ``prog: error: ...`` on
+    stderr and exit status 2 (the message already says what is wrong; a traceback would only bury it)."""
+    from .checkpoint import CheckpointError
+
+    try:
+        main()
+    except (UsageError, CheckpointError, FileNotFoundError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
