@@ -19,17 +19,29 @@ the op, and allowed:
 
 * ``auto`` never picks interpreted Triton (``TRITON_INTERPRET=1``): it is a correctness tool, orders of
   magnitude slower than the reference;
-* ``auto`` never picks a GPU face (``triton``/``cuda``) whose GPU tests have not passed on a real GPU. That
-  record is :data:`GPU_VALIDATED` below: each entry names the committed result file under
-  ``benchmarks/results/`` that shows ``pytest -m gpu`` passing for that op and face. An op/face missing from
-  it runs on a GPU only when asked for by name.
+* ``auto`` never picks a face that failed ``python -m mirai_kernels.selftest`` on this machine (the user's
+  selftest record, see :func:`selftest_cache_path`), on any device;
+* otherwise ``auto`` picks a GPU face (``triton``/``cuda``) only when it is validated for this device kind
+  (:func:`device_kind`, e.g. ``"sm_90"``) by the committed record or by this machine's selftest record. The
+  committed record is :data:`GPU_VALIDATED` below, filled by ``benchmarks/record_gpu_results.py`` from the
+  committed GPU suite results under ``benchmarks/results/`` (each entry names the result file that shows the
+  op/face's ``pytest -m gpu`` tests passing; :data:`GPU_VALIDATED_ON` the device kinds they passed on). A face
+  validated by neither runs on a GPU only when asked for by name; the first time ``auto`` falls back to the
+  reference on CUDA for that reason it logs one warning naming ``python -m mirai_kernels.selftest``.
+
+The selftest record is a JSON file keyed by device kind; a record made under another torch, Triton or
+mirai_kernels version is stale and ignored as a whole (one warning says so); an unreadable file is ignored
+likewise. Under ``torch.compile`` the verdicts are read once at trace time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
+import json
+import logging
 import os
 import threading
 from typing import Iterator
@@ -45,9 +57,15 @@ AUTO_ORDER = {
     "cuda": ("cuda", "triton", "reference"),
 }
 
-# (op, face) -> committed result file proving that face's GPU tests passed on a real GPU.
-# Empty until a session with a GPU runs benchmarks/gpu_suite.sh and commits its JSON.
+GPU_FACES = ("triton", "cuda")
+
+# The committed record. (op, face) -> the committed result file showing that face's GPU tests passing;
+# GPU_VALIDATED_ON: (op, face) -> the device kinds they passed on (an entry without one, only ever written by
+# hand, counts for every kind). Empty until a session with a GPU runs benchmarks/gpu_suite.sh and commits it.
+# BEGIN GPU_VALIDATED (written by benchmarks/record_gpu_results.py; edit the results, not these lines)
 GPU_VALIDATED: dict[tuple[str, str], str] = {}
+GPU_VALIDATED_ON: dict[tuple[str, str], tuple[str, ...]] = {}
+# END GPU_VALIDATED
 
 # Which faces each op implements; each ops/<op>.py registers itself here at import.
 _OP_FACES: dict[str, tuple[str, ...]] = {}
@@ -200,16 +218,147 @@ def get_backend() -> str:
 
 
 def auto_face(op: str, device: torch.device) -> str:
-    """The face ``auto`` picks for ``op`` on ``device``."""
+    """The face ``auto`` picks for ``op`` on ``device`` (rules in the module docstring)."""
+    kind = device_kind(device)
+    unvalidated = []
     for face in AUTO_ORDER.get(device.type, ("reference",)):
         if face_unavailable_reason(op, face, device) is not None:
             continue
         if face == "triton" and triton_interpreted():
             continue
-        if device.type != "cpu" and face in ("triton", "cuda") and (op, face) not in GPU_VALIDATED:
+        if face == "reference":
+            break
+        verdict = _selftest_verdict(op, face, kind)
+        if verdict == "fail":  # failed on this machine: never picked, whatever any other record says
+            continue
+        if device.type != "cpu" and face in GPU_FACES and verdict != "pass" and not committed_validated(op, face, kind):
+            unvalidated.append(face)
             continue
         return face
+    if unvalidated and device.type == "cuda":
+        _warn_unvalidated_once(op, kind, tuple(unvalidated))
     return "reference"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device kinds, the committed record, this machine's selftest record
+# ---------------------------------------------------------------------------------------------------------
+
+SELFTEST_COMMAND = "python -m mirai_kernels.selftest"
+_log = logging.getLogger("mirai_kernels")
+
+
+@torch._dynamo.assume_constant_result
+def _cuda_device_kind(index: int) -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(index if index >= 0 else torch.cuda.current_device())
+    return f"sm_{major}{minor}"
+
+
+def device_kind(device: torch.device) -> str | None:
+    """What a validation record is keyed by: ``"cpu"``, the compute capability of a CUDA device (``"sm_90"``:
+    the same kernels compile to the same code on every device of one capability), or None when it cannot be
+    told (no usable CUDA, another device type)."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return _cuda_device_kind(-1 if device.index is None else device.index)
+    return None
+
+
+def committed_validated(op: str, face: str, kind: str | None) -> bool:
+    """True when the committed record (:data:`GPU_VALIDATED`) validates ``face`` of ``op`` on device kind ``kind``."""
+    if (op, face) not in GPU_VALIDATED:
+        return False
+    kinds = GPU_VALIDATED_ON.get((op, face))
+    return kinds is None or kind in kinds
+
+
+def selftest_cache_path() -> str:
+    """The user's selftest record: ``$MIRAI_SELFTEST_CACHE``, else ``$XDG_CACHE_HOME/mirai_kernels/selftest.json``
+    (``~/.cache/...`` when XDG_CACHE_HOME is unset)."""
+    explicit = os.environ.get("MIRAI_SELFTEST_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mirai_kernels", "selftest.json")
+
+
+def software_versions() -> dict[str, str | None]:
+    """The versions a selftest record is only valid for: torch, Triton, mirai_kernels."""
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = None
+    import mirai_kernels  # the package is fully imported by the time a face is chosen
+
+    return {"torch": torch.__version__, "triton": triton_version,
+            "mirai_kernels": getattr(mirai_kernels, "__version__", None)}
+
+
+_selftest_state: dict = {}  # path -> {kind: {"op/face": verdict}}; warnings already given
+_warned: set = set()
+
+
+def reload_selftest_record() -> None:
+    """Forget the loaded selftest record (the selftest calls this after writing; tests after changing it)."""
+    _selftest_state.clear()
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning(message)
+
+
+def _load_selftest_record(path: str) -> dict:
+    """{device kind: {"op/face": "pass" | "fail"}} from the user's record, stale and unreadable records dropped."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        records = data["records"]
+        if not isinstance(records, dict):
+            raise ValueError("'records' is not an object")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _warn_once(("unreadable", path), f"mirai_kernels: ignoring the selftest record {path} ({type(exc).__name__}: "
+                                          f"{exc}); run `{SELFTEST_COMMAND}` to rewrite it")
+        return {}
+    now = software_versions()
+    verdicts = {}
+    for kind, record in records.items():
+        made_with = {key: record.get(key) for key in now} if isinstance(record, dict) else {}
+        if made_with != now:
+            changed = ", ".join(f"{k} {made_with.get(k)} -> {v}" for k, v in now.items() if made_with.get(k) != v)
+            _warn_once(("stale", path, kind), f"mirai_kernels: the selftest record for {kind} in {path} is stale "
+                                              f"({changed}) and is ignored; run `{SELFTEST_COMMAND}` again")
+            continue
+        faces = record.get("faces", {})
+        verdicts[kind] = {key: v for key, v in faces.items() if v in ("pass", "fail")}
+    return verdicts
+
+
+@torch._dynamo.assume_constant_result
+def _selftest_verdict(op: str, face: str, kind: str | None) -> str:
+    """"pass", "fail" or "" (no valid record) for ``face`` of ``op`` on this machine's device ``kind``."""
+    if kind is None:
+        return ""
+    path = selftest_cache_path()
+    if path not in _selftest_state:
+        _selftest_state.clear()
+        _selftest_state[path] = _load_selftest_record(path)
+    return _selftest_state[path].get(kind, {}).get(f"{op}/{face}", "")
+
+
+@torch._dynamo.assume_constant_result
+def _warn_unvalidated_once(op: str, kind: str | None, faces: tuple) -> bool:
+    _warn_once("unvalidated", (
+        f"mirai_kernels: `auto` runs {op} (and any other op in the same case) with the plain-PyTorch reference on "
+        f"this GPU ({kind}): its {'/'.join(faces)} face is not validated for {kind} yet. Run `{SELFTEST_COMMAND}` "
+        f"once (well under a minute) to validate the fast faces on this machine, or pass backend= explicitly."))
+    return True
 
 
 def select_face(op: str, device: torch.device, backend: str | None = None) -> str:
