@@ -4,7 +4,9 @@ Every numeric flag of ``models.train`` / ``models.sample`` / ``models.evaluate``
 value that would do harm (a negative step count, a probability of 2, ...) is refused at parse time; argparse prints
 ``argument --flag: <why>`` and exits with status 2. Each message states the valid range.
 
-    positive_int, nonneg_int, int_at_least(n)             integers (no "2.5", no "1e3")
+    positive_int, nonneg_int, int_at_least(n), int_in(lo, hi)   integers (no "2.5", no "1e3")
+    train_seed, sampling_seed                             seeds in the range every derived generator seed fits
+    device                                                a torch device that exists here
     positive_float, nonneg_float, float_in(lo, hi, ...)   finite floats (nan / inf refused unless allowed)
     probability (0 <= p <= 1), dropout_rate (0 <= p < 1)
     fraction_or_steps                                     a step count (int >= 0) or a fraction of the run in [0, 1)
@@ -24,22 +26,50 @@ class UsageError(ValueError):
     """A command-line request that cannot be honoured; the message names the flag."""
 
 
-def int_at_least(lo: int):
+def int_in(lo: int, hi: int | None = None):
+    """An integer in [lo, hi] (``hi`` None: unbounded)."""
+    valid = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+
     def parse(value: str) -> int:
         try:
             number = int(value)
         except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value!r}") from None
-        if number < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {number}")
+            raise argparse.ArgumentTypeError(f"expected an integer {valid}, got {value!r}") from None
+        if number < lo or (hi is not None and number > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {valid}, got {number}")
         return number
 
-    parse.__name__ = f"int_at_least_{lo}"
+    parse.__name__ = f"int_{valid}"
     return parse
+
+
+def int_at_least(lo: int):
+    return int_in(lo)
 
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+# Seeds are mixed into 64-bit generator seeds (e.g. (seed * 1_000_003 + epoch) * 10_000_019 + index for the crops of
+# llamagen-codes): bounded so that every such product stays below torch's 2**64 limit.
+train_seed = int_in(0, 2 ** 20 - 1)
+sampling_seed = int_in(0, 2 ** 32 - 1)
+
+
+def device(value: str) -> str:
+    """argparse type of ``--device``: a torch device string whose device exists here."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, got {value!r}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{value!r}: no CUDA device is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{value!r}: there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return value
 
 
 def _interval(lo, hi, lo_open, hi_open) -> str:

@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .classifier import builtin_classifier, file_digest, load_classifier, register_with_torch_fidelity
-from .cli import int_at_least, nonneg_int, positive_int, run_main
+from .cli import device, int_at_least, positive_int, run_main, sampling_seed, train_seed
 from .data import CLASS_NAMES, build_dataset, satisfies_rule
 from .generate import generate
 from .sample import add_sampling_args, check_sampling_request
@@ -60,10 +60,10 @@ def parse_args(argv=None):
                    "options)")
     p.add_argument("--n-ref", type=int_at_least(2), default=None, help="reference (held-out) images; default: --n")
     p.add_argument("--data", default="shapes", help="the data the model was trained on (built-in: shapes)")
-    p.add_argument("--data-seed", type=nonneg_int, default=0, help="the training run's --seed: train split = this "
+    p.add_argument("--data-seed", type=train_seed, default=0, help="the training run's --seed: train split = this "
                    "seed, reference = its held-out split")
     add_sampling_args(p)
-    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=sampling_seed, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=positive_int, default=250, help="sampling batch")
     p.add_argument("--out", default=None, help="JSON path (default: <ckpt dir>/eval.json)")
     p.add_argument("--npz", default=None, help="samples .npz path (default: the JSON path with .npz)")
@@ -82,7 +82,7 @@ def parse_args(argv=None):
                    "Inception metrics instead of the held-out split; needs --inception-weights")
     p.add_argument("--vq-ckpt", default=None, help="a local LlamaGen VQ checkpoint to decode ImageNet codes to pixels "
                    "(Inception metrics only)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 

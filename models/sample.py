@@ -14,7 +14,7 @@ import os
 import torch
 
 from .checkpoint import atomic_save
-from .cli import UsageError, float_in, nonneg_int, positive_int, probability, run_main
+from .cli import UsageError, device, float_in, nonneg_int, positive_int, probability, run_main, sampling_seed
 from .data import CLASS_NAMES, satisfies_rule
 from .generate import generate
 from .tokenizer import PaletteTokenizer, image_grid, write_png
@@ -56,12 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--n", type=positive_int, default=40)
     p.add_argument("--classes", type=nonneg_int, nargs="*", default=None)
     add_sampling_args(p)
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=sampling_seed, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--scale", type=positive_int, default=8, help="pixels per token in the PNG")
     p.add_argument("--vq-ckpt", default=None, help="a local LlamaGen VQ checkpoint (vq_ds16_c2i.pt) to decode "
                    "ImageNet codes; default: the built-in palette tokenizer")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 

@@ -32,6 +32,7 @@ import torch
 from .checkpoint import CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint, require_keys, truncate_log
 from .cli import (UsageError, dropout_rate, float_in, fraction_or_steps, int_at_least, nonneg_float, nonneg_int,
                   positive_float, positive_int, run_main)
+from .cli import device, train_seed
 from .data import build_dataset
 from .encoder import builtin_encoder, load_encoder
 from .foresight import EMA, OBJECTIVES, build_objective
@@ -84,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--boundary", default="raster", choices=("raster", "grid"))
     p.add_argument("--encoder", default=None, help="mirai-i: a local encoder file (default: the built-in one, "
                    "trained on first use and cached under runs/encoders/)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=train_seed, default=0)
     p.add_argument("--out", default="runs/train")
     p.add_argument("--ckpt-every", type=nonneg_int, default=0,
                    help="write last.pt every N steps (0: only at the end)")
@@ -93,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the GPT")
     p.add_argument("--fsdp", action="store_true", help="with torchrun: shard parameters, gradients and optimizer "
                    "state with FSDP2 instead of replicating them with DDP (for L / XL)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
