@@ -35,6 +35,21 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# The tested range (README, "Supported versions"): torch 2.11 (Python 3.12, CUDA 13.0, Triton 3.6: the GPU
+# machines' stack, checked by benchmarks/gpu_preflight.sh) through torch 2.14 (Python 3.11, Triton 3.8: development
+# and CI). install_requires states only the lower bounds, so pip never swaps out a newer torch the extensions
+# were just compiled against; outside the range the build warns.
+TORCH_RANGE = ((2, 11), (2, 14))
+TRITON_MIN = "3.6"
+
+
+def _check_torch_range() -> None:
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    low, high = TORCH_RANGE
+    if not low <= version <= high:
+        print(f"warning: mirai_kernels is tested with torch {low[0]}.{low[1]} to {high[0]}.{high[1]}, building "
+              f"against torch {torch.__version__}", file=sys.stderr)
+
 
 def _want_cuda() -> bool:
     mode = os.environ.get("MIRAI_CUDA", "auto").lower()
@@ -87,13 +102,16 @@ def extensions():
     return exts
 
 
+_check_torch_range()
+
 setup(
     name="mirai_kernels",
     version="0.1.0",
     description="Fused Triton and C++/CUDA kernels for training and sampling AR image generators with foresight",
     packages=find_packages(include=["mirai_kernels", "mirai_kernels.*", "models", "models.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "triton; platform_system == 'Linux'", "einops", "numpy", "tqdm"],
+    install_requires=[f"torch>={TORCH_RANGE[0][0]}.{TORCH_RANGE[0][1]}", f"triton>={TRITON_MIN}; platform_system == 'Linux'",
+                      "einops", "numpy", "tqdm"],
     extras_require={
         # torchvision pinned to the build matching torch 2.14.1, or pip may pull a newer torch with it.
         "eval": ["torch-fidelity==0.4.0", "torchvision==0.29.1", "scikit-learn", "matplotlib"],
