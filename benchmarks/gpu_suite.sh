@@ -35,12 +35,13 @@ OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
 JOBS=${MAX_JOBS:-16}
 
 # name|budget seconds|command (run with bash -c; $W is the scratch directory, $PY the interpreter).
+# The build first deletes any extension .so in the tree: only one built here, against this machine's torch, loads.
 # Budgets from what each step does: the CUDA extension is 2 .cu files for sm_90 only; pytest -m gpu is ~100 tests
 # whose time is mostly Triton JIT compiles (xdist spreads them over processes when it is installed); each
 # benchmark runs short do_bench windows (--warmup 10 --rep 40 ms) at the README's GPU shapes; the dual-attention
 # forward autotunes over the 2 configs per head dim it ships (all AOT-checked for sm_90), nothing more.
 STEPS=(
-  "build|90|MIRAI_CUDA=1 MAX_JOBS=$JOBS TORCH_CUDA_ARCH_LIST=9.0 \$PY -m pip install --no-build-isolation --no-deps -v -e ."
+  "build|90|find mirai_kernels -maxdepth 1 -name '_C*.so' -delete && MIRAI_CUDA=1 MAX_JOBS=$JOBS TORCH_CUDA_ARCH_LIST=9.0 \$PY -m pip install --no-build-isolation --no-deps -v -e ."
   "pytest_gpu|120|\$PY -m pytest -m gpu tests -v -rA -p no:cacheprovider --timeout 90 \$SESSION_TIMEOUT --junitxml=\$W/pytest_gpu.xml \$XDIST"
   "selftest|20|\$PY -m mirai_kernels.selftest --json \$W/selftest.json --cache \$W/selftest_cache.json"
   "attn_bench|55|\$PY benchmarks/attn_bench.py --batch 32 --heads 16 --seqlens 256 576 --no-flex --warmup 10 --rep 40 --json \$W/bench_attn.json"
@@ -80,6 +81,10 @@ if [ "$total" -gt "$LIMIT" ]; then
   exit 2
 fi
 
+if [ "$MODE" = run ] && ! nvidia-smi -L > /dev/null 2>&1; then
+  echo "gpu_suite: no NVIDIA GPU here (nvidia-smi -L failed); --dry-run lists the steps, --fake tests the layout" >&2
+  exit 2
+fi
 W=${MIRAI_SUITE_SCRATCH:-$(mktemp -d "${TMPDIR:-/tmp}/mirai-gpu-suite.XXXXXX")}
 mkdir -p "$W" "$OUT"
 export W PY

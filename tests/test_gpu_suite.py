@@ -3,6 +3,7 @@ device tool returns (at most 8 files; the suite promises at most 4, sizes bounde
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -95,6 +96,13 @@ def test_pack_caps_each_log_and_reads_a_killed_pytest_from_its_log(tmp_path):
     tests = json.loads((out / "summary.json").read_text())["tests"]
     assert {t["id"]: t["outcome"] for t in tests} == {"tests/test_a.py::test_one[bf16]": "passed",
                                                        "tests/test_b.py::test_two": "failed"}
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine: the real run would start")
+def test_real_run_without_a_gpu_refuses_and_writes_nothing(tmp_path):
+    out = _suite(env={"OUT": str(tmp_path / "o")})
+    assert out.returncode == 2 and "no NVIDIA GPU" in out.stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("arg", ["--bogus"])
