@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import backend as _backend
+from .ops.decode import decode_attention as _decode_attention
 from .ops.dual_attention import dual_attention as _dual_attention
 from .ops.foresight import fused_linear_cosine_loss as _fused_linear_cosine_loss
 from .ops.foresight import parse_offsets as _parse_offsets
@@ -234,18 +238,45 @@ class ForesightHeads(nn.Module):
 
 class ForesightAttention(nn.Module):
     """LlamaGen's ``Attention`` (fused ``wqkv``, 2D RoPE, ``wo``, residual dropout) running through
-    :func:`mirai_kernels.dual_attention`, which can also return the bidirectional output from the same call.
+    :func:`mirai_kernels.dual_attention` (training / full forward, which can also return the bidirectional output
+    from the same call) and :func:`mirai_kernels.decode_attention` (KV-cache decoding).
 
-    Parameters keep LlamaGen's names and shapes, so its weights load strictly: ``wqkv.weight``
-    ``((n_head + 2 * n_kv_head) * head_dim, dim)`` (rows: q heads, then k heads, then v heads) and ``wo.weight``
-    ``(dim, dim)``, no biases. Grouped K/V (``n_kv_head`` dividing ``n_head``) maps query head ``h`` to K/V head
-    ``h // (n_head // n_kv_head)``, as LlamaGen's ``repeat_interleave``.
+    A drop-in for LlamaGen's ``Attention`` inside LlamaGen's own ``TransformerBlock``:
 
-    ``forward(x, rope_table, *, bidirectional=False, bidirectional_grad=True)``:
+    * constructor: ``ForesightAttention(config)`` with a LlamaGen ``ModelArgs``-like object (``dim``, ``n_head``,
+      ``n_kv_head``, ``attn_dropout_p``, ``resid_dropout_p``; missing dropouts mean 0), or the fields
+      ``ForesightAttention(dim, n_head, n_kv_head=None, attn_dropout_p=0.0, resid_dropout_p=0.0)``;
+    * parameters keep LlamaGen's names and shapes, so its weights load strictly: ``wqkv.weight``
+      ``((n_head + 2 * n_kv_head) * head_dim, dim)`` (rows: q heads, then k heads, then v heads) and
+      ``wo.weight`` ``(dim, dim)``, no biases. Grouped K/V (``n_kv_head`` dividing ``n_head``) maps query head
+      ``h`` to K/V head ``h // (n_head // n_kv_head)``, as LlamaGen's ``repeat_interleave``;
+    * ``kv_cache`` attribute (None until a cache is set), as LlamaGen's: ``setup_caches`` assigns it.
+
+    ``forward(x, freqs_cis, input_pos=None, mask=None, *, cache_seqlens=None, bidirectional=False,
+    bidirectional_grad=True)``:
         x: ``(batch, seqlen, dim)``.
-        rope_table: from :func:`mirai_kernels.rope_2d_table` (rows ``0 .. seqlen-1`` are used: training order
-            ``[class, z_0, ...]``).
-        bidirectional: also return the bidirectional-attention output (every token sees the whole sequence).
+        freqs_cis: RoPE table rows ``(rows, head_dim/2, 2)`` (from :func:`mirai_kernels.rope_2d_table`, or
+            LlamaGen's ``freqs_cis``; a leading 1 as LlamaGen's uncached eval forward passes is accepted). Without
+            ``cache_seqlens`` rows ``0 .. seqlen-1`` rotate the tokens (LlamaGen passes the rows of the tokens it
+            feeds: ``freqs_cis[:seqlen]`` in training, ``freqs_cis[input_pos]`` when decoding). With
+            ``cache_seqlens`` it is the whole table (rows picked by absolute position inside the kernel).
+        input_pos, mask: **LlamaGen's KV-cache protocol** (used when ``kv_cache`` is set and ``input_pos`` given):
+            ``input_pos`` ``(seqlen,)`` the positions of the new tokens, one for the whole batch (consecutive);
+            ``kv_cache`` LlamaGen's cache object: heads-first ``(max_batch, n_kv_head, max_seqlen, head_dim)``
+            buffers behind ``update(input_pos, k, v) -> (k_cache, v_cache)``, which this call performs (rotated
+            keys, as LlamaGen stores them); attention then runs in ``decode_attention`` over the cache (no copy:
+            a BSHD view of the heads-first buffers). ``mask`` is LlamaGen's boolean causal mask sliced at
+            ``input_pos`` (``(batch, 1, seqlen, max_seqlen)``, True = visible). On CPU (and on GPU under
+            ``MIRAI_DEBUG=1``) the mask and positions are checked; a mask that is not the causal one (LlamaGen's
+            t2i padding masks) is honoured by a plain ``scaled_dot_product_attention`` instead. On GPU without
+            debug checks the mask is taken to be causal (no host sync). Without a cache, a given ``mask``
+            (boolean or additive) also goes to SDPA.
+        cache_seqlens: **our per-row protocol** (``models.gpt``, speculative decoding): int32 ``(batch,)`` cache
+            lengths before this call's tokens; ``kv_cache`` holds BSHD ``k``/``v`` buffers
+            ``(max_batch, max_seqlen, n_kv_head, head_dim)``; the new keys/values are appended in place by the
+            decode kernel (which also applies the RoPE). The caller advances ``cache_seqlens``.
+        bidirectional: (not with a cache) also return the bidirectional-attention output (every token sees the
+            whole sequence): the Mirai extension.
         bidirectional_grad: with ``bidirectional=True``, False makes the bidirectional output a stop-gradient
             target: it carries no gradient (neither to the inputs nor to ``wo``) and costs nothing in backward.
     Returns ``wo(attn)`` after residual dropout, ``(batch, seqlen, dim)``; with ``bidirectional=True`` the pair
@@ -253,15 +284,29 @@ class ForesightAttention(nn.Module):
 
     ``attn_dropout_p`` > 0 in training mode has no fused kernel: that case runs two
     ``F.scaled_dot_product_attention`` calls with dropout (LlamaGen's training configs keep it at 0).
-    The KV-cache decode path lives in the model (``decode_attention``).
+    Cached decoding is inference only (``decode_attention`` raises under grad mode with inputs requiring grad).
     """
 
-    def __init__(self, dim: int, n_head: int, n_kv_head: Optional[int] = None, attn_dropout_p: float = 0.0,
-                 resid_dropout_p: float = 0.0, *, backend: Optional[str] = None):
+    def __init__(self, dim, n_head: Optional[int] = None, n_kv_head: Optional[int] = None,
+                 attn_dropout_p: float = 0.0, resid_dropout_p: float = 0.0, *, backend: Optional[str] = None):
         super().__init__()
-        if dim % n_head:
+        if not isinstance(dim, numbers.Integral):  # LlamaGen's ForesightAttention(config) / Attention(config)
+            config = dim
+            if n_head is not None or n_kv_head is not None:
+                raise TypeError("ForesightAttention: pass a config object or the fields (dim, n_head, ...), not both")
+            if not (hasattr(config, "dim") and hasattr(config, "n_head")):
+                raise TypeError(f"ForesightAttention: expected an int dim or a config with dim and n_head fields "
+                                f"(LlamaGen's ModelArgs), got {type(config).__name__}")
+            dim, n_head = config.dim, config.n_head
+            n_kv_head = getattr(config, "n_kv_head", None)
+            attn_dropout_p = getattr(config, "attn_dropout_p", 0.0)
+            resid_dropout_p = getattr(config, "resid_dropout_p", 0.0)
+        if n_head is None:
+            raise TypeError("ForesightAttention: n_head is required with an int dim")
+        dim, n_head = int(dim), int(n_head)
+        if n_head <= 0 or dim <= 0 or dim % n_head:
             raise ValueError(f"ForesightAttention: dim {dim} must be divisible by n_head {n_head}")
-        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        n_kv_head = n_head if n_kv_head is None else int(n_kv_head)
         if n_kv_head <= 0 or n_head % n_kv_head:
             raise ValueError(f"ForesightAttention: n_kv_head {n_kv_head} must divide n_head {n_head}")
         self.dim, self.n_head, self.n_kv_head = dim, n_head, n_kv_head
@@ -269,44 +314,121 @@ class ForesightAttention(nn.Module):
         self.kv_dim = n_kv_head * self.head_dim
         self.wqkv = nn.Linear(dim, dim + 2 * self.kv_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
+        self.kv_cache = None
         self.attn_dropout_p = attn_dropout_p
         self.resid_dropout = nn.Dropout(resid_dropout_p)
         self.backend = backend
 
-    def _qkv(self, x: torch.Tensor, rope_table: torch.Tensor):
+    # -- projections ------------------------------------------------------------------------------------
+
+    def _split_qkv(self, x: torch.Tensor):
         batch, seqlen, _ = x.shape
         qkv = self.wqkv(x).view(batch, seqlen, self.n_head + 2 * self.n_kv_head, self.head_dim)
         q = qkv[:, :, : self.n_head]
         k = qkv[:, :, self.n_head : self.n_head + self.n_kv_head]
         v = qkv[:, :, self.n_head + self.n_kv_head :]  # a strided view: the kernels read it in place
-        q = apply_rope_2d(q, rope_table, backend=self.backend)
-        k = apply_rope_2d(k, rope_table, backend=self.backend)
         return q, k, v
 
-    def _attention_with_dropout(self, q, k, v, bidirectional: bool):
+    @staticmethod
+    def _table(freqs_cis: Optional[torch.Tensor], head_dim: int) -> torch.Tensor:
+        if freqs_cis is None:
+            raise ValueError("ForesightAttention: freqs_cis (the RoPE table rows) is required")
+        if freqs_cis.dim() == 4 and freqs_cis.shape[0] == 1:  # LlamaGen's uncached eval: freqs_cis[None]
+            freqs_cis = freqs_cis[0]
+        # LlamaGen keeps its table in fp32; a cast copy would round cos/sin, so only a non-fp32 table is upcast.
+        return freqs_cis.float().contiguous()
+
+    def _output(self, attn: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(self.wo(attn.reshape(*attn.shape[:2], self.dim)))
+
+    def _sdpa(self, q, k, v, mask, causal: bool, dropout_p: float):
+        """Plain SDPA on BSHD inputs (dropout, explicit masks): LlamaGen's own computation."""
         group = self.n_head // self.n_kv_head
         qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
         kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        out_c = sdpa(qh, kh, vh, is_causal=True, dropout_p=self.attn_dropout_p).transpose(1, 2)
-        out_b = sdpa(qh, kh, vh, dropout_p=self.attn_dropout_p).transpose(1, 2) if bidirectional else None
-        return out_c, out_b
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal and mask is None,
+                                             dropout_p=dropout_p)
+        return out.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, rope_table: torch.Tensor, *, bidirectional: bool = False,
-                bidirectional_grad: bool = True):
+    # -- protocols -------------------------------------------------------------------------------------
+
+    def _decode_per_row(self, x, table, cache_seqlens):
+        cache = self.kv_cache
+        if cache is None or not hasattr(cache, "k"):
+            raise RuntimeError("ForesightAttention: cache_seqlens needs a BSHD kv_cache with k/v buffers (see "
+                               "models.gpt.GPT.setup_caches); LlamaGen's cache object is driven by input_pos")
+        batch = x.shape[0]
+        q, k, v = self._split_qkv(x)
+        out = _decode_attention(q, cache.k[:batch], cache.v[:batch], k, v, cache_seqlens=cache_seqlens,
+                                rope_table=table, backend=self.backend)
+        return self._output(out)
+
+    def _mask_is_causal(self, mask, input_pos, max_seqlen: int) -> bool:
+        """Whether LlamaGen's mask is the plain causal one at consecutive ``input_pos`` (what the decode kernel
+        computes). Reads device values, so on GPU only under MIRAI_DEBUG=1; otherwise assumed."""
+        if mask is not None and mask.dtype != torch.bool:
+            return False
+        device = input_pos.device
+        if torch.compiler.is_compiling() or (device.type != "cpu" and not _backend.debug_checks()):
+            return True
+        seqlen = input_pos.shape[0]
+        expected_pos = input_pos[:1] + torch.arange(seqlen, device=device)
+        if not torch.equal(input_pos.long(), expected_pos.long()):
+            raise ValueError(f"ForesightAttention: input_pos must be consecutive positions (one run of new tokens "
+                             f"for the whole batch), got {input_pos.tolist()}")
+        if mask is None:
+            return True
+        if mask.shape[-1] != max_seqlen or mask.shape[-2] != seqlen:
+            return False
+        causal = torch.arange(max_seqlen, device=device)[None, :] <= input_pos.long()[:, None]
+        return bool((mask == causal).all())
+
+    def _decode_llamagen(self, x, table, input_pos, mask):
         batch, seqlen, _ = x.shape
-        q, k, v = self._qkv(x, rope_table)
-        if self.training and self.attn_dropout_p > 0:
-            attn_c, attn_b = self._attention_with_dropout(q, k, v, bidirectional)
+        q, k, v = self._split_qkv(x)
+        q = apply_rope_2d(q, table, backend=self.backend)
+        k = apply_rope_2d(k, table, backend=self.backend)
+        k_all, v_all = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
+        k_all, v_all = k_all[:batch].transpose(1, 2), v_all[:batch].transpose(1, 2)  # BSHD views, no copy
+        q = q.to(k_all.dtype)
+        if self._mask_is_causal(mask, input_pos, k_all.shape[1]):
+            # The new keys are already in the cache (LlamaGen's update), so the queries are its last rows.
+            lengths = (input_pos[-1:] + 1).to(torch.int32).expand(batch).contiguous()
+            out = _decode_attention(q, k_all, v_all, cache_seqlens=lengths, backend=self.backend)
+        else:
+            out = self._sdpa(q, k_all, v_all, mask, causal=False, dropout_p=0.0)
+        return self._output(out.to(x.dtype))
+
+    def forward(self, x: torch.Tensor, freqs_cis: Optional[torch.Tensor] = None,
+                input_pos: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None, *,
+                cache_seqlens: Optional[torch.Tensor] = None, bidirectional: bool = False,
+                bidirectional_grad: bool = True):
+        table = self._table(freqs_cis, self.head_dim)
+        cached = cache_seqlens is not None or (self.kv_cache is not None and input_pos is not None)
+        if cached and bidirectional:
+            raise ValueError("ForesightAttention: bidirectional=True is a training-forward output, not available "
+                             "while decoding with a KV cache")
+        if cache_seqlens is not None:
+            return self._decode_per_row(x, table, cache_seqlens)
+        if cached:
+            return self._decode_llamagen(x, table, input_pos, mask)
+
+        batch, seqlen, _ = x.shape
+        q, k, v = self._split_qkv(x)
+        q = apply_rope_2d(q, table, backend=self.backend)
+        k = apply_rope_2d(k, table, backend=self.backend)
+        dropout_p = self.attn_dropout_p if self.training else 0.0
+        if mask is not None or dropout_p > 0:
+            attn_c = self._sdpa(q, k, v, mask, causal=True, dropout_p=dropout_p)
+            attn_b = self._sdpa(q, k, v, None, causal=False, dropout_p=dropout_p) if bidirectional else None
             if attn_b is not None and not bidirectional_grad:
                 attn_b = attn_b.detach()
         else:
             attn_c, attn_b = _dual_attention(q, k, v, outputs="both" if bidirectional else "causal",
                                              bidirectional_grad=bidirectional_grad, backend=self.backend)
-        attn_c = attn_c.reshape(batch, seqlen, self.dim)
         if not bidirectional:
-            return self.resid_dropout(self.wo(attn_c))
-        attn_b = attn_b.reshape(batch, seqlen, self.dim)
+            return self._output(attn_c)
+        attn_c, attn_b = attn_c.reshape(batch, seqlen, self.dim), attn_b.reshape(batch, seqlen, self.dim)
         if not bidirectional_grad:
             with torch.no_grad():
                 out_b = self.resid_dropout(self.wo(attn_b))

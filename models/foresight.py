@@ -79,8 +79,8 @@ class Objective(nn.Module):
         self.ema = ema
 
     def loss(self, model, idx, labels, targets, step: int, features=None):
-        out = model(idx, labels, targets)
-        return out["loss"], {"ntp": out["loss"].item()}
+        _, loss = model(idx, labels, targets)
+        return loss, {"ntp": loss.item()}
 
 
 class ForesightObjective(Objective):
@@ -111,7 +111,8 @@ class ForesightObjective(Objective):
         return contextlib.nullcontext() if self.teacher_autocast else torch.autocast(device_type, enabled=False)
 
     def loss(self, model, idx, labels, targets, step: int, features=None):
-        out = model(idx, labels, targets, **self.student_kwargs())
+        logits, ntp, extras = model(idx, labels, targets, **self.student_kwargs())
+        out = {"logits": logits, "loss": ntp, **extras}
         with torch.no_grad(), self.target_precision(idx.device.type):
             feature_targets = self.targets(model, out, idx, labels, targets, features)
         total, per_head = self.heads(out["hidden"], feature_targets)
@@ -142,7 +143,7 @@ class MiraiE(ForesightObjective):
                          z_dim=model.config.dim, boundary=boundary, teacher_autocast=teacher_autocast)
 
     def targets(self, model, student_out, idx, labels, tokens, features=None):
-        return self.ema.model(idx, labels, stop_at=self.layer, hidden_layer=self.layer)["hidden"].float()
+        return self.ema.model(idx, labels, stop_at=self.layer, hidden_layer=self.layer)[2]["hidden"].float()
 
 
 class MiraiS(ForesightObjective):
@@ -172,8 +173,8 @@ class MiraiS(ForesightObjective):
     def targets(self, model, student_out, idx, labels, tokens, features=None):
         if self.source == "self":
             return student_out["bidir_hidden"].detach().float()
-        out = self.ema.model(idx, labels, stop_at=self.layer, dual_layer=self.layer)
-        return out["bidir_hidden"].float()
+        _, _, extras = self.ema.model(idx, labels, stop_at=self.layer, dual_layer=self.layer)
+        return extras["bidir_hidden"].float()
 
     def extra_metrics(self, student_out, feature_targets) -> dict:
         return {"cos_causal_bidir": cosine_causal_bidirectional(student_out["hidden"], feature_targets)}

@@ -113,12 +113,17 @@ class DecodeStep:
         self.step_tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.cache_seqlens = torch.zeros(rows, dtype=torch.int32, device=device)
         self.next_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        # Guidance on/off as device state (LlamaGen's cfg_interval switches it off mid-sequence): a captured graph
+        # reads it at every replay, and the host flips it between replays with a fill_, no recapture.
+        self.cfg_on = torch.ones((), dtype=torch.bool, device=device)
 
     def guide(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.guided:
             return logits
         cond_logits, uncond_logits = logits.chunk(2)
-        return uncond_logits + self.cfg_scale * (cond_logits - uncond_logits)
+        guided = uncond_logits + self.cfg_scale * (cond_logits - uncond_logits)
+        # Off: the conditional logits themselves, as LlamaGen (not u + 1 * (c - u), which rounds differently).
+        return torch.where(self.cfg_on, guided, cond_logits)
 
     def sample(self, logits: torch.Tensor) -> None:
         """Sample from (B2, V) logits into ``next_tokens`` and ``step_tokens`` (both CFG halves get the token)."""
@@ -158,43 +163,79 @@ def _capture(step: DecodeStep):
         return None
 
 
+def guided_at(t: int, cfg_interval) -> bool:
+    """LlamaGen's ``cfg_interval`` rule: token ``t`` (0-based) is sampled with guidance iff ``cfg_interval <= -1``
+    (off: always guided), ``t == 0`` (the prefill), or ``t - 1 <= cfg_interval`` (LlamaGen's decode loop index
+    ``i = t - 1`` switches guidance off for good once ``i > cfg_interval``)."""
+    return not cfg_interval > -1 or t == 0 or t - 1 <= cfg_interval
+
+
 @torch.no_grad()
-def generate(model, labels: torch.Tensor, *, cfg_scale: float, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+def generate(model, cond: torch.Tensor, max_new_tokens: Optional[int] = None, emb_masks=None,
+             cfg_scale: float = 1.0, cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, sample_logits: bool = True, *, generator: Optional[torch.Generator] = None,
              cuda_graph: Optional[bool] = None) -> torch.Tensor:
-    """Sample ``H*W`` image tokens per label.
+    """Sample image tokens per class label; LlamaGen's ``generate`` call works as it is.
+
+    ``generate(model, cond, max_new_tokens, emb_masks=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
+    top_k=0, top_p=1.0, sample_logits=True)`` is LlamaGen's signature (its ``sample_c2i.py`` call runs
+    unchanged); ``generate(model, labels, cfg_scale=...)`` is the short form our CLIs use.
 
     Arguments:
         model: a :class:`models.gpt.GPT` (put in eval mode here; its caches are (re)allocated).
-        labels: ``(B,)`` int64 class labels.
+        cond: ``(B,)`` int class labels (LlamaGen's ``c_indices``); class-conditional only.
+        max_new_tokens: tokens to sample, ``1 .. H*W`` (default ``H*W``). Given (LlamaGen's call), the tokens come
+            back as ``torch.int`` as LlamaGen returns them; omitted, as int64.
+        emb_masks: LlamaGen's condition-token mask (t2i padding); for a class token only None or all-ones is
+            meaningful, anything else is refused (the decode kernel has no per-key mask).
         cfg_scale: classifier-free guidance scale; ``> 1`` doubles the batch (cond + null class) and samples from
             ``uncond + cfg_scale * (cond - uncond)``; ``1`` samples the conditional model alone.
-        temperature, top_k, top_p: sampling filters (LlamaGen defaults: 1.0, off, off); temperature 0 = greedy.
+        cfg_interval: LlamaGen's: ``-1`` guides every token; ``n >= 0`` guides tokens ``0 .. n + 1`` and samples
+            the rest from the conditional logits alone (see :func:`guided_at`).
+        temperature, top_k, top_p: sampling filters (LlamaGen defaults: 1.0, off, off); temperature 0 = greedy;
+            ``top_p = 0`` keeps the most likely token (greedy), as LlamaGen.
+        sample_logits: LlamaGen's flag: False = greedy (argmax of the filtered logits).
         generator: seeds the sampler (one draw, before decoding) for reproducible samples; the per-step randomness
             is a :class:`DeviceRNG` on the model's device (graph- and compile-safe).
         cuda_graph: capture the decode step in a CUDA graph (default: on for CUDA models).
     Return:
-        tokens: ``(B, H*W)`` int64, raster order.
+        tokens: ``(B, max_new_tokens)`` raster order; ``torch.int`` when ``max_new_tokens`` is passed, else int64.
     """
-    model.eval()
     config = model.config
+    if not isinstance(cond, torch.Tensor) or cond.dim() != 1 or cond.is_floating_point():
+        raise ValueError(f"generate: cond must be a (B,) tensor of int class labels (this model is class-"
+                         f"conditional, c2i; text embeddings / t2i are not supported), got "
+                         f"{tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__}"
+                         f"{' float' if isinstance(cond, torch.Tensor) and cond.is_floating_point() else ''}")
+    n_tokens = config.block_size if max_new_tokens is None else int(max_new_tokens)
+    if not 1 <= n_tokens <= config.block_size:
+        raise ValueError(f"generate: max_new_tokens must be in [1, {config.block_size}] (the model's H*W), "
+                         f"got {max_new_tokens}")
+    if emb_masks is not None and not bool(torch.as_tensor(emb_masks).bool().all()):
+        raise ValueError("generate: emb_masks that mask the class token are not supported (LlamaGen uses them "
+                         "for t2i caption padding; a class-conditional prefix has nothing to pad)")
+    if not sample_logits:
+        temperature = 0.0
+    model.eval()
     device = model.output.weight.device
-    labels = labels.to(device)
+    labels = cond.to(device=device, dtype=torch.long)
     guided = cfg_scale > 1.0
     cond = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     model.setup_caches(cond.shape[0])
     step = DecodeStep(model, labels.shape[0], guided, cfg_scale,
                       dict(temperature=temperature, top_k=top_k, top_p=top_p,
                            rng=DeviceRNG(seed_from(generator), device)), device)
-    tokens = torch.empty(labels.shape[0], config.block_size, dtype=torch.long, device=device)
+    tokens = torch.empty(labels.shape[0], n_tokens, dtype=torch.long, device=device)
 
     step.prefill(cond)
     tokens[:, 0] = step.next_tokens
     run = step
-    if config.block_size > 1 and (cuda_graph if cuda_graph is not None else device.type == "cuda"):
+    if n_tokens > 1 and (cuda_graph if cuda_graph is not None else device.type == "cuda"):
         run = _capture(step) or step
-    for i in range(1, config.block_size):
+    for i in range(1, n_tokens):
+        if guided and not guided_at(i, cfg_interval):
+            step.cfg_on.fill_(False)  # stays off: LlamaGen never switches it back on
         run()
         tokens[:, i] = step.next_tokens
     model.clear_caches()
-    return tokens
+    return tokens if max_new_tokens is None else tokens.int()

@@ -70,6 +70,14 @@ PRESETS = {
     "B": dict(dim=768, n_layer=12, n_head=12),
     "L": dict(dim=1024, n_layer=24, n_head=16),
     "XL": dict(dim=1280, n_layer=36, n_head=20),
+    # LlamaGen's class-conditional zoo by LlamaGen's names (its gpt.py: GPT_models; n_kv_head = n_head in all of
+    # them). GPT-3B is listed among LlamaGen's t2i configs but also ships as a c2i checkpoint (c2i_3B_384.pt).
+    "GPT-B": dict(dim=768, n_layer=12, n_head=12, n_kv_head=12),  # 111M
+    "GPT-L": dict(dim=1024, n_layer=24, n_head=16, n_kv_head=16),  # 343M
+    "GPT-XL": dict(dim=1280, n_layer=36, n_head=20, n_kv_head=20),  # 775M
+    "GPT-XXL": dict(dim=1536, n_layer=48, n_head=24, n_kv_head=24),  # 1.4B
+    "GPT-XXXL": dict(dim=2560, n_layer=48, n_head=40, n_kv_head=40),  # 3.9B
+    "GPT-3B": dict(dim=3200, n_layer=24, n_head=32, n_kv_head=32),  # 3.1B
 }
 
 
@@ -121,14 +129,10 @@ class KVCache(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.attention = mk.ForesightAttention(
-            config.dim, config.n_head, config.n_kv_head, attn_dropout_p=config.attn_dropout_p,
-            resid_dropout_p=config.resid_dropout_p,
-        )
+        self.attention = mk.ForesightAttention(config)  # LlamaGen's constructor call
         self.feed_forward = FeedForward(config)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.kv_cache: Optional[KVCache] = None
 
     def _ffn_residual(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.feed_forward(self.ffn_norm(h))
@@ -144,20 +148,9 @@ class TransformerBlock(nn.Module):
         return self._ffn_residual(x + out_c), self._ffn_residual(x + out_b)
 
     def forward_decode(self, x: torch.Tensor, rope_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, S_q, dim) new tokens at rows ``cache_seqlens ..`` of this layer's KV cache (which this call
-        fills; the caller advances ``cache_seqlens``)."""
-        attn = self.attention
-        h = self.attention_norm(x)
-        batch, s_q, _ = h.shape
-        q, k, v = attn.wqkv(h).split([attn.n_head * attn.head_dim, attn.kv_dim, attn.kv_dim], dim=-1)
-        q = q.view(batch, s_q, attn.n_head, attn.head_dim)
-        k = k.view(batch, s_q, attn.n_kv_head, attn.head_dim)
-        v = v.view(batch, s_q, attn.n_kv_head, attn.head_dim)
-        cache = self.kv_cache
-        out = mk.decode_attention(q, cache.k[:batch], cache.v[:batch], k, v, cache_seqlens=cache_seqlens,
-                                  rope_table=rope_table)
-        h = x + attn.resid_dropout(attn.wo(out.reshape(batch, s_q, -1)))
-        return self._ffn_residual(h)
+        """``x`` (B, S_q, dim) new tokens at rows ``cache_seqlens ..`` of the attention's KV cache (which this call
+        fills; the caller advances ``cache_seqlens``). The attention module owns the cache path."""
+        return self._ffn_residual(x + self.attention(self.attention_norm(x), rope_table, cache_seqlens=cache_seqlens))
 
 
 class ClassEmbedder(nn.Module):
@@ -185,13 +178,23 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.register_buffer(
-            "rope_table",
-            mk.rope_2d_table(config.grid, config.head_dim, config.cls_token_num, config.rope_base),
-            persistent=False,
-        )
+        self.register_buffer("rope_table", self._build_rope_table(), persistent=False)
         self.apply(self._init_weights)
         nn.init.zeros_(self.output.weight)
+
+    def _build_rope_table(self, device=None) -> torch.Tensor:
+        c = self.config
+        return mk.rope_2d_table(c.grid, c.head_dim, c.cls_token_num, c.rope_base, device=device)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` cast every floating buffer, but the RoPE table must stay
+        fp32 (the kernels require it, and LlamaGen keeps its ``freqs_cis`` fp32 under its bf16 default): a cast
+        table is rebuilt exactly in fp32 on its new device (never upcast from the rounded copy)."""
+        super()._apply(fn, recurse)
+        table = self._buffers.get("rope_table")
+        if table is not None and table.dtype != torch.float32 and table.device.type != "meta":
+            self._buffers["rope_table"] = self._build_rope_table(table.device)
+        return self
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -213,13 +216,13 @@ class GPT(nn.Module):
         cond = self.cls_embedding(labels, train=self.training)[:, : self.config.cls_token_num]
         return self.tok_dropout(torch.cat([cond, self.tok_embeddings(idx)], dim=1))
 
-    def forward(self, idx: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+    def forward(self, idx: torch.Tensor, cond_idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 hidden_layer: Optional[int] = None, dual_layer: Optional[int] = None, stop_at: Optional[int] = None):
-        """Training / teacher forward.
+        """Training / teacher forward: ``logits, loss = model(idx, cond_idx, targets)`` as LlamaGen's.
 
         Arguments:
             idx: ``(B, N-1)`` int64 image tokens ``z_0 .. z_{N-2}`` (N = H*W; any prefix of them).
-            labels: ``(B,)`` int64 class labels (``num_classes`` = the null class).
+            cond_idx: ``(B,)`` int64 class labels (``num_classes`` = the null class); LlamaGen's name.
             targets: optional ``(B, N)`` int64 ``z_0 .. z_{N-1}`` for the cross-entropy.
             hidden_layer: also return the raw residual state after block ``hidden_layer`` (1-based count of
                 blocks, as Mirai's ``l``: 8 of 12 for GPT-B), no final norm: ``(B, prefix + N - 1, dim)``.
@@ -227,29 +230,30 @@ class GPT(nn.Module):
                 (stop-gradient) and return it as ``bidir_hidden`` (Mirai-S target).
             stop_at: run only blocks ``1 .. stop_at`` (a truncated teacher); logits are then None.
         Return:
-            dict with ``logits`` (B, N, vocab) fp32 (None when ``stop_at``), ``loss`` (when ``targets``),
-            ``hidden`` and ``bidir_hidden`` when asked.
+            ``(logits, loss)`` as LlamaGen: logits ``(B, N, vocab)`` fp32 (None when ``stop_at``), loss the mean
+            cross-entropy or None without ``targets``. Only when ``hidden_layer``, ``dual_layer`` or ``stop_at`` is
+            given: ``(logits, loss, extras)`` with ``extras`` a dict holding ``hidden`` / ``bidir_hidden`` as asked
+            (so a two-name unpack of an extended call fails loudly instead of dropping outputs).
         """
-        h = self.embed(idx, labels)
+        h = self.embed(idx, cond_idx)
         table = self.rope_table
-        result = {}
+        extras = {}
         n_blocks = len(self.layers) if stop_at is None else stop_at
         for i, layer in enumerate(self.layers[:n_blocks], start=1):
             if i == dual_layer:
-                h, result["bidir_hidden"] = layer.forward_dual(h, table)
+                h, extras["bidir_hidden"] = layer.forward_dual(h, table)
             else:
                 h = layer(h, table)
             if i == hidden_layer:
-                result["hidden"] = h
-        if stop_at is not None:
-            result["logits"] = None
-            return result
-        logits = self.output(self.norm(h)).float()
-        logits = logits[:, self.config.cls_token_num - 1:]
-        result["logits"] = logits
-        if targets is not None:
-            result["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        return result
+                extras["hidden"] = h
+        extended = hidden_layer is not None or dual_layer is not None or stop_at is not None
+        logits = loss = None
+        if stop_at is None:
+            logits = self.output(self.norm(h)).float()
+            logits = logits[:, self.config.cls_token_num - 1:]
+            if targets is not None:
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return (logits, loss, extras) if extended else (logits, loss)
 
     # -----------------------------------------------------------------------------------------------------
     # Decoding (KV cache)
@@ -262,11 +266,11 @@ class GPT(nn.Module):
         device = self.output.weight.device
         for layer in self.layers:
             attn = layer.attention
-            layer.kv_cache = KVCache(max_batch, max_seqlen, attn.n_kv_head, attn.head_dim, dtype, device)
+            attn.kv_cache = KVCache(max_batch, max_seqlen, attn.n_kv_head, attn.head_dim, dtype, device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
-            layer.kv_cache = None
+            layer.attention.kv_cache = None
 
     def decode_step(self, tokens: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                     cache_seqlens: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,479 @@ def test_top_k_draws_follow_the_renormalised_distribution():
     draws = sample_next(logits, temperature=1.0, top_k=3, top_p=1.0, rng=DeviceRNG(3, "cpu"))
     freq = torch.bincount(draws, minlength=5).float() / len(draws)
     torch.testing.assert_close(freq, torch.tensor([4 / 9, 3 / 9, 2 / 9, 0, 0]), atol=0.012, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A LlamaGen-structured Transformer, written from LlamaGen's definition
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LGArgs:
+    """The fields of LlamaGen's ``ModelArgs`` that a c2i model reads."""
+
+    dim: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    rope_base: float = 10000
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.0
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.0
+    ffn_dropout_p: float = 0.0
+    num_classes: int = 10
+    class_dropout_prob: float = 0.1
+    vocab_size: int = 16384
+    cls_token_num: int = 1
+    block_size: int = 256
+
+
+def lg_rope_table(grid: int, head_dim: int, base: float, prefix: int) -> torch.Tensor:
+    """LlamaGen's 2D table, (prefix + grid^2, head_dim/2, 2): the first half of the pairs rotates with the row
+    index, the second with the column, frequencies base^(-2i/(head_dim/2)); zero rows for the class prefix."""
+    quarter = head_dim // 4
+    inv = 1.0 / (base ** (torch.arange(quarter, dtype=torch.float32) * 2 / (head_dim // 2)))
+    rows = torch.arange(grid, dtype=torch.float32)[:, None, None] * inv          # (g, 1, q)
+    cols = torch.arange(grid, dtype=torch.float32)[None, :, None] * inv          # (1, g, q)
+    angles = torch.cat([rows.expand(grid, grid, quarter), cols.expand(grid, grid, quarter)], -1)
+    table = torch.stack([angles.cos(), angles.sin()], -1).reshape(grid * grid, head_dim // 2, 2)
+    return torch.cat([torch.zeros(prefix, head_dim // 2, 2), table])
+
+
+def lg_rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair rotation of x (B, S, H, D) by table rows (S, D/2, 2), in fp32, cast back."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    out = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], -1)
+    return out.flatten(3).type_as(x)
+
+
+class LGRMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LGFeedForward(nn.Module):
+    def __init__(self, a: LGArgs):
+        super().__init__()
+        hidden = int(2 * 4 * a.dim / 3)
+        hidden = -(-hidden // a.multiple_of) * a.multiple_of
+        self.w1, self.w3 = nn.Linear(a.dim, hidden, bias=False), nn.Linear(a.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, a.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(a.ffn_dropout_p)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class LGKVCache(nn.Module):
+    """Heads-first static cache; ``update`` writes the new rows at ``input_pos`` and returns the whole buffers."""
+
+    def __init__(self, batch, seqlen, heads, head_dim, dtype):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(batch, heads, seqlen, head_dim, dtype=dtype))
+        self.register_buffer("v_cache", torch.zeros(batch, heads, seqlen, head_dim, dtype=dtype))
+
+    def update(self, input_pos, k, v):
+        assert input_pos.shape[0] == k.shape[2]
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return self.k_cache, self.v_cache
+
+
+class LGAttention(nn.Module):
+    def __init__(self, a: LGArgs):
+        super().__init__()
+        self.dim, self.n_head = a.dim, a.n_head
+        self.n_kv_head = a.n_kv_head or a.n_head
+        self.head_dim = a.dim // a.n_head
+        self.wqkv = nn.Linear(a.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(a.dim, a.dim, bias=False)
+        self.kv_cache = None
+        self.attn_dropout_p = a.attn_dropout_p
+        self.resid_dropout = nn.Dropout(a.resid_dropout_p)
+
+    def forward(self, x, freqs_cis=None, input_pos=None, mask=None):
+        b, s, _ = x.shape
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv, kv], -1)
+        q = lg_rotate(q.view(b, s, self.n_head, self.head_dim), freqs_cis.reshape(s, -1, 2))
+        k = lg_rotate(k.view(b, s, self.n_kv_head, self.head_dim), freqs_cis.reshape(s, -1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        group = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             dropout_p=self.attn_dropout_p if self.training else 0.0)
+        return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(b, s, self.dim)))
+
+
+class LGBlock(nn.Module):
+    def __init__(self, a: LGArgs):
+        super().__init__()
+        self.attention = LGAttention(a)
+        self.feed_forward = LGFeedForward(a)
+        self.attention_norm, self.ffn_norm = LGRMSNorm(a.dim, a.norm_eps), LGRMSNorm(a.dim, a.norm_eps)
+
+    def forward(self, x, freqs_cis, start_pos, mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, mask)  # LlamaGen's positional call
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LGLabelEmbedder(nn.Module):
+    def __init__(self, num_classes, dim, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + (dropout_prob > 0), dim)
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+    def forward(self, labels, train):
+        if train and self.dropout_prob > 0:
+            labels = torch.where(torch.rand(labels.shape[0]) < self.dropout_prob, self.num_classes, labels)
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+class LGTransformer(nn.Module):
+    """LlamaGen's c2i Transformer: forward(idx, cond_idx, input_pos=None, targets=None, mask=None) ->
+    (logits, loss); training / full forward when both idx and cond_idx are given, else a cached prefill (cond_idx)
+    or decode step (idx) at ``input_pos`` with the causal mask sliced there."""
+
+    def __init__(self, a: LGArgs):
+        super().__init__()
+        self.config, self.model_type = a, "c2i"
+        self.num_classes, self.cls_token_num = a.num_classes, a.cls_token_num
+        self.cls_embedding = LGLabelEmbedder(a.num_classes, a.dim, a.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
+        self.tok_dropout = nn.Dropout(a.token_dropout_p)
+        self.layers = nn.ModuleList(LGBlock(a) for _ in range(a.n_layer))
+        self.norm = LGRMSNorm(a.dim, a.norm_eps)
+        self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
+        grid = int(a.block_size ** 0.5)
+        self.freqs_cis = lg_rope_table(grid, a.dim // a.n_head, a.rope_base, a.cls_token_num)  # plain attr
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=a.initializer_range)
+        # LlamaGen zero-inits the output layer; random here, so that argmax tokens mean something.
+
+    def setup_caches(self, max_batch_size, max_seq_length, dtype):
+        max_seq_length = -(-max_seq_length // 8) * 8
+        for block in self.layers:
+            block.attention.kv_cache = LGKVCache(max_batch_size, max_seq_length, self.config.n_head,
+                                                 self.config.dim // self.config.n_head, dtype)
+        self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool))
+        self.causal_mask = self.causal_mask.unsqueeze(0).repeat(max_batch_size, 1, 1)
+
+    def forward(self, idx, cond_idx, input_pos=None, targets=None, mask=None):
+        if idx is not None and cond_idx is not None:
+            cond = self.cls_embedding(cond_idx, train=self.training)[:, : self.cls_token_num]
+            h = self.tok_dropout(torch.cat([cond, self.tok_embeddings(idx)], 1))
+        else:
+            if cond_idx is not None:
+                emb = self.cls_embedding(cond_idx, train=self.training)[:, : self.cls_token_num]
+            else:
+                emb = self.tok_embeddings(idx)
+            mask = self.causal_mask[: emb.shape[0], None, input_pos]
+            h = self.tok_dropout(emb)
+        freqs = self.freqs_cis[: h.shape[1]] if self.training else self.freqs_cis[input_pos]
+        for layer in self.layers:
+            h = layer(h, freqs, input_pos, mask)
+        logits = self.output(self.norm(h)).float()
+        if self.training:
+            logits = logits[:, self.cls_token_num - 1:]
+        loss = None if targets is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+
+def lg_generate_greedy(model, cond, max_new_tokens, cfg_scale=1.0, cfg_interval=-1):
+    """LlamaGen's generate loop (prefill, then one cached step per token, CFG on a doubled batch, cfg_interval),
+    greedy: LlamaGen's sample(..., sample_logits=False)."""
+    guided = cfg_scale > 1.0
+    cond_all = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if guided else cond
+    model.setup_caches(cond_all.shape[0], 1 + max_new_tokens, model.tok_embeddings.weight.dtype)
+
+    def pick(logits, flag):
+        if guided:
+            c, u = logits.chunk(2)
+            logits = u + (c - u) * cfg_scale if flag else c
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    tok = pick(model(None, cond_all, torch.arange(0, 1))[0], True)
+    out, pos, flag = [tok], torch.tensor([1], dtype=torch.int), True
+    for i in range(max_new_tokens - 1):
+        if cfg_interval > -1 and i > cfg_interval:
+            flag = False
+        x = torch.cat([tok, tok]) if guided else tok
+        tok = pick(model(x, None, pos)[0], flag)
+        pos += 1
+        out.append(tok)
+    return torch.cat(out, 1).int()
+
+
+def _swap_in_ours(original: LGTransformer, args) -> LGTransformer:
+    ours = LGTransformer(args)
+    for block in ours.layers:
+        block.attention = mk.ForesightAttention(args)  # LlamaGen's constructor call, nothing else changed
+    ours.load_state_dict(original.state_dict(), strict=True)
+    return ours
+
+
+def test_foresight_attention_constructor_forms():
+    a = LGArgs(dim=96, n_head=6, n_kv_head=2, resid_dropout_p=0.1, attn_dropout_p=0.05)
+    m = mk.ForesightAttention(a)
+    assert (m.dim, m.n_head, m.n_kv_head, m.head_dim) == (96, 6, 2, 16)
+    assert m.resid_dropout.p == 0.1 and m.attn_dropout_p == 0.05 and m.kv_cache is None
+    assert {n: tuple(p.shape) for n, p in m.named_parameters()} == {n: tuple(p.shape) for n, p in
+                                                                     LGAttention(a).named_parameters()}
+    f = mk.ForesightAttention(96, 6, 2, attn_dropout_p=0.05, resid_dropout_p=0.1)
+    assert {n: p.shape for n, p in f.named_parameters()} == {n: p.shape for n, p in m.named_parameters()}
+    with pytest.raises(TypeError, match="dim and n_head"):
+        mk.ForesightAttention(object())
+    with pytest.raises(TypeError, match="not both"):
+        mk.ForesightAttention(a, 6)
+
+
+def test_drop_in_inside_llamagen_transformer(backend="auto"):
+    """Training-mode logits and loss, and cached greedy tokens through LlamaGen's own generate loop (its cache
+    object, input_pos and mask), equal the original's at vocab 16384, 256 tokens (the faces are held to the
+    reference in their own tests)."""
+    torch.manual_seed(0)
+    args = LGArgs()
+    original = LGTransformer(args)
+    ours = _swap_in_ours(original, args)
+    idx = torch.randint(0, args.vocab_size, (2, args.block_size - 1))
+    labels, targets = torch.tensor([3, 7]), torch.randint(0, args.vocab_size, (2, args.block_size))
+    original.train(), ours.train()
+    with mk.use_backend(backend):
+        torch.manual_seed(1)
+        lg_logits, lg_loss = original(idx=idx, cond_idx=labels, targets=targets)
+        torch.manual_seed(1)  # same class-dropout draws
+        our_logits, our_loss = ours(idx=idx, cond_idx=labels, targets=targets)
+        torch.testing.assert_close(our_logits, lg_logits, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(our_loss, lg_loss)
+        our_loss.backward()
+        assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+
+        original.eval(), ours.eval()
+        with torch.no_grad():
+            want = lg_generate_greedy(original, labels, args.block_size, cfg_scale=4.0)
+            got = lg_generate_greedy(ours, labels, args.block_size, cfg_scale=4.0)
+    assert want.shape == (2, 256) and len(set(want.flatten().tolist())) > 20, "a degenerate sequence proves little"
+    assert torch.equal(got, want)
+
+
+def test_llamagen_protocol_uses_the_decode_kernel_and_honours_other_masks(monkeypatch):
+    """Under LlamaGen's protocol the attention runs in decode_attention over a view of LlamaGen's cache; a mask
+    that is not the causal one (t2i padding) is honoured, not ignored."""
+    import mirai_kernels.modules as modules
+
+    torch.manual_seed(0)
+    args = LGArgs(block_size=16, vocab_size=64)
+    attn = mk.ForesightAttention(args).eval()
+    reference = LGAttention(args).eval()
+    reference.load_state_dict(attn.state_dict())
+    table = lg_rope_table(4, 16, 10000, 1)
+    calls = []
+    real = modules._decode_attention
+    monkeypatch.setattr(modules, "_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(3, 5, args.dim)
+    for m in (attn, reference):
+        m.kv_cache = LGKVCache(3, 16, args.n_head, 16, torch.float32)
+    causal = torch.tril(torch.ones(16, 16, dtype=torch.bool))[None].repeat(3, 1, 1)
+    pos = torch.arange(5)
+    with torch.no_grad():
+        ours, theirs = attn(x, table[pos], pos, causal[:, None, pos]), reference(x, table[pos], pos, causal[:, None, pos])
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 1
+        pos2 = torch.tensor([5])
+        x2 = torch.randn(3, 1, args.dim)
+        padded = causal[:, None, pos2].clone()
+        padded[0, :, :, 0] = False  # row 0 may not see the class token
+        ours, theirs = attn(x2, table[pos2], pos2, padded), reference(x2, table[pos2], pos2, padded)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 1, "a non-causal mask must not go to the causal decode kernel"
+        torch.testing.assert_close(attn.kv_cache.k_cache, reference.kv_cache.k_cache)
+
+
+def test_bidirectional_keyword_returns_both_outputs():
+    torch.manual_seed(0)
+    args = LGArgs(block_size=16)
+    attn = mk.ForesightAttention(args)
+    x = torch.randn(2, 9, args.dim)
+    table = lg_rope_table(4, 16, 10000, 1)[:9]
+    causal, bidir = attn(x, table, bidirectional=True)
+    torch.testing.assert_close(causal, attn(x, table))
+    qkv = attn.wqkv(x).view(2, 9, 12, 16)
+    q, k, v = lg_rotate(qkv[:, :, :4], table), lg_rotate(qkv[:, :, 4:8], table), qkv[:, :, 8:]
+    full = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    torch.testing.assert_close(bidir, attn.wo(full.transpose(1, 2).reshape(2, 9, -1)), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Our GPT: LlamaGen's calls, precisions, presets
+# ---------------------------------------------------------------------------------------------------------
+
+
+def small_gpt(vocab=64, grid=4, **kw):
+    from models.gpt import build_gpt
+
+    torch.manual_seed(0)
+    model = build_gpt("tiny", dim=64, n_layer=2, n_head=4, grid=grid, vocab_size=vocab, num_classes=10,
+                      token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0, **kw)
+    nn.init.normal_(model.output.weight, std=0.5)  # LlamaGen zero-inits it: random, so tokens depend on the logits
+    return model
+
+
+def test_forward_unpacks_as_llamagen_and_extras_only_by_keyword():
+    model = small_gpt().eval()  # no class dropout: calls compare
+    idx, labels, targets = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2]), torch.randint(0, 64, (2, 16))
+    out = model(idx, labels, targets)
+    assert isinstance(out, tuple) and len(out) == 2
+    logits, loss = out
+    assert logits.shape == (2, 16, 64) and loss.dim() == 0
+    assert model(idx=idx, cond_idx=labels, targets=targets)[1] == loss  # LlamaGen's keyword call
+    assert model(idx, labels)[1] is None
+    logits2, loss2, extras = model(idx, labels, targets, hidden_layer=1, dual_layer=2)
+    assert set(extras) == {"hidden", "bidir_hidden"} and extras["hidden"].shape == (2, 16, 64)
+    with pytest.raises(ValueError):
+        _, _ = model(idx, labels, targets, hidden_layer=1)  # an extended call cannot silently lose its extras
+    logits3, loss3, extras3 = model(idx, labels, stop_at=1, hidden_layer=1)
+    assert logits3 is None and loss3 is None and set(extras3) == {"hidden"}
+
+
+def test_our_decode_goes_through_the_attention_module(monkeypatch):
+    """models/gpt.py no longer reaches into attn.wqkv: the cached step is the attention module's call."""
+    model = small_gpt().eval()
+    seen = []
+    for layer in model.layers:
+        original = layer.attention.forward
+        monkeypatch.setattr(layer.attention, "forward",
+                            lambda *a, _f=original, **k: seen.append(k.get("cache_seqlens") is not None) or _f(*a, **k))
+    generate(model, torch.tensor([1, 2]), cfg_scale=2.0, temperature=0.0)
+    assert seen and all(seen) and len(seen) == 2 * 16
+    assert all(layer.attention.kv_cache is None for layer in model.layers), "caches released after sampling"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("face", ["reference", "cpp"])
+def test_low_precision_weights_train_and_sample(dtype, face):
+    """LlamaGen's sampling script casts the model to bf16 by default: the RoPE table must stay fp32 (exactly the
+    table, not a rounded copy) and training and sampling must work."""
+    if face not in mk.available_faces("dual_attention", torch.device("cpu")):
+        pytest.skip(f"{face} face not built here")
+    model = small_gpt()
+    fresh = model.rope_table.clone()
+    for cast in (lambda m: m.to(dtype), lambda m: m.half().to(dtype), lambda m: m.to(torch.float64).to(dtype)):
+        model = cast(model)
+        assert model.rope_table.dtype == torch.float32 and torch.equal(model.rope_table, fresh)
+    assert model.output.weight.dtype == dtype
+    idx, labels, targets = torch.randint(0, 64, (2, 15)), torch.tensor([1, 2]), torch.randint(0, 64, (2, 16))
+    with mk.use_backend(face):
+        model.train()
+        logits, loss = model(idx, labels, targets)
+        loss.backward()
+        assert torch.isfinite(loss) and model.output.weight.grad.dtype == dtype
+        _, _, extras = model(idx, labels, targets, hidden_layer=1, dual_layer=1)
+        assert extras["bidir_hidden"].dtype == dtype
+        tokens = generate(model, torch.tensor([3, 4]), cfg_scale=2.0, top_k=8,
+                          generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, 16) and tokens.dtype == torch.int64 and 0 <= tokens.min() and tokens.max() < 64
+
+
+def test_llamagen_presets_and_parameter_counts():
+    """LlamaGen's c2i zoo by its names; the counts are LlamaGen's own (its gpt.py comments: 111M ... 3.9B) at
+    vocab 16384, 1000 classes + the null class, and equal the closed form of the architecture."""
+    from models.gpt import PRESETS, build_gpt, find_multiple
+
+    published = {"GPT-B": (12, 12, 768, 111e6), "GPT-L": (24, 16, 1024, 343e6), "GPT-XL": (36, 20, 1280, 775e6),
+                 "GPT-XXL": (48, 24, 1536, 1.4e9), "GPT-XXXL": (48, 40, 2560, 3.9e9), "GPT-3B": (24, 32, 3200, 3.1e9)}
+    for name, (n_layer, n_head, dim, count) in published.items():
+        assert PRESETS[name]["n_layer"] == n_layer and PRESETS[name]["n_head"] == n_head
+        assert PRESETS[name]["dim"] == dim and PRESETS[name].get("n_kv_head", n_head) == n_head
+        with torch.device("meta"):
+            model = build_gpt(name)
+        n = sum(p.numel() for p in model.parameters())
+        hidden = find_multiple(int(2 * 4 * dim / 3), 256)
+        per_layer = dim * 3 * dim + dim * dim + 3 * dim * hidden + 2 * dim
+        assert n == n_layer * per_layer + 1001 * dim + 2 * 16384 * dim + dim, name
+        digits = 3 if count < 1e9 else 2
+        assert float(f"{n:.{digits}g}") == count, (name, n)
+
+
+def cache_free_sample(model, labels, n_tokens, cfg_scale, cfg_interval, generator, **sampling):
+    """A full forward over the whole prefix at every step (no cache), guidance switched as LlamaGen's decode
+    loop does (prefill guided; loop index i = t - 1 turns it off once i > cfg_interval), same random stream."""
+    from models.generate import seed_from
+
+    rng = DeviceRNG(seed_from(generator), "cpu")
+    cond = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    tokens = torch.zeros(len(labels), 0, dtype=torch.long)
+    flag = True
+    for t in range(n_tokens):
+        if t >= 1 and cfg_interval > -1 and t - 1 > cfg_interval:
+            flag = False
+        with torch.no_grad():
+            logits = model(tokens.repeat(2, 1), cond)[0][:, -1]
+        c, u = logits.chunk(2)
+        logits = u + cfg_scale * (c - u) if flag else c
+        tokens = torch.cat([tokens, sample_next(logits, rng=rng, **sampling)[:, None]], 1)
+    return tokens
+
+
+@pytest.mark.parametrize("cfg_interval", [-1, 0, 4, 4.5, 100])
+def test_generate_accepts_llamagen_call_and_cfg_interval(cfg_interval):
+    model = small_gpt().eval()
+    labels = torch.tensor([1, 5, 9])
+    sampling = dict(temperature=1.0, top_k=20, top_p=0.95)
+    ours = generate(model, labels, 16, cfg_scale=4.0, cfg_interval=cfg_interval,
+                    generator=torch.Generator().manual_seed(2), **sampling)  # LlamaGen's positional call
+    assert ours.dtype == torch.int32 and ours.shape == (3, 16)  # LlamaGen returns torch.int
+    want = cache_free_sample(model, labels, 16, 4.0, cfg_interval, torch.Generator().manual_seed(2), **sampling)
+    assert torch.equal(ours.long(), want)
+    if cfg_interval in (0, 4):  # the switch matters: always-guided sampling differs
+        always = cache_free_sample(model, labels, 16, 4.0, -1, torch.Generator().manual_seed(2), **sampling)
+        assert not torch.equal(ours.long(), always)
+
+
+def test_generate_llamagen_arguments():
+    model = small_gpt().eval()
+    labels = torch.tensor([1, 2])
+    greedy = generate(model, labels, cfg_scale=3.0, temperature=0.0)
+    assert greedy.dtype == torch.int64
+    assert torch.equal(generate(model, labels, 16, cfg_scale=3.0, sample_logits=False).long(), greedy)
+    assert torch.equal(generate(model, labels, 16, None, 3.0, -1, 1.0, 0, 0.0).long(), greedy), "top_p=0: greedy"
+    assert torch.equal(generate(model, labels, 5, cfg_scale=3.0, temperature=0.0).long(), greedy[:, :5])
+    assert torch.equal(generate(model, labels, 16, emb_masks=torch.ones(2, 1), cfg_scale=3.0,
+                                temperature=0.0).long(), greedy)
+    with pytest.raises(ValueError, match="emb_masks"):
+        generate(model, labels, 16, emb_masks=torch.zeros(2, 1), cfg_scale=3.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, labels, 17)
+    with pytest.raises(ValueError, match="t2i"):
+        generate(model, torch.randn(2, 120, 64), 16)
+
+
+def test_llamagen_weights_in_our_gpt_give_llamagen_greedy_tokens():
+    """The same weights in LlamaGen's structure (LlamaGen's loop) and in our GPT (our sampler, LlamaGen's call)
+    give the same greedy tokens, guidance switched off by cfg_interval included."""
+    from models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    args = LGArgs(block_size=64, vocab_size=512)
+    original = LGTransformer(args).eval()
+    ours = GPT(GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=512, num_classes=10, grid=(8, 8),
+                         token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0))
+    ours.load_state_dict(original.state_dict(), strict=True)
+    labels = torch.tensor([2, 6])
+    with torch.no_grad():
+        want = lg_generate_greedy(original, labels, 64, cfg_scale=4.0, cfg_interval=10)
+    got = generate(ours, labels, 64, cfg_scale=4.0, cfg_interval=10, sample_logits=False)
+    assert torch.equal(got, want)

@@ -95,7 +95,7 @@ def test_logits_match_llamagen_eager_forward():
     model = tiny_gpt().eval()
     idx, labels = torch.randint(0, 8, (3, 15)), torch.tensor([0, 4, 10])
     with torch.no_grad():
-        ours = model(idx, labels)["logits"]
+        ours, _ = model(idx, labels)
         theirs = llamagen_eager_logits(model.state_dict(), model.config, idx, labels)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)
 
@@ -107,8 +107,9 @@ def test_gpt_through_kernels_equals_references():
 
     def run():
         model.zero_grad()
-        out = model(idx, labels, targets, hidden_layer=2, dual_layer=3)
-        out["loss"].backward()
+        logits, loss, extras = model(idx, labels, targets, hidden_layer=2, dual_layer=3)
+        loss.backward()
+        out = {"logits": logits, **extras}
         return out, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     out_fast, grads_fast = run()
@@ -129,7 +130,7 @@ def test_cached_decode_logits_match_full_forward():
     model = tiny_gpt().eval()
     tokens, labels = torch.randint(0, 8, (3, 16)), torch.tensor([1, 2, 10])
     with torch.no_grad():
-        full = model(tokens[:, :-1], labels)["logits"]
+        full, _ = model(tokens[:, :-1], labels)
         model.setup_caches(3)
         seqlens = torch.zeros(3, dtype=torch.int32)
         step_logits = [model.decode_step(None, labels, seqlens)]
@@ -151,7 +152,7 @@ def eager_generate(model, labels, cfg_scale, temperature, generator):
     for _ in range(n):
         idx = tokens.repeat(2, 1) if cfg_scale > 1 else tokens
         with torch.no_grad():
-            logits = model(idx, cond)["logits"][:, -1]
+            logits = model(idx, cond)[0][:, -1]
         if cfg_scale > 1:
             c, u = logits.chunk(2)
             logits = u + cfg_scale * (c - u)
@@ -247,7 +248,8 @@ def test_foresight_loss_decreases_when_trained_alone(name):
     labels = torch.tensor([data[i][1] for i in range(16)])
     losses = []
     for step in range(25):
-        out = model(tokens[:, :-1], labels, **objective.student_kwargs())
+        logits, _, extras = model(tokens[:, :-1], labels, **objective.student_kwargs())
+        out = {"logits": logits, **extras}
         with torch.no_grad():
             target = objective.targets(model, out, tokens[:, :-1], labels, tokens)
         total, _ = objective.heads(out["hidden"], target)
