@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -233,6 +234,8 @@ def train(args) -> dict:
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} (global) must divide evenly over {world} processes")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file, not a run directory")
     os.makedirs(args.out, exist_ok=True)
     dataset = build_dataset(args.data, size=args.data_size, grid=args.grid, seed=args.seed, code_path=args.code_path,
                             image_size=args.image_size, features_dir=args.features_dir)
@@ -242,6 +245,9 @@ def train(args) -> dict:
     last_path = os.path.join(args.out, "last.pt")
     # Checked before anything in --out is written, against the resolved total step count.
     state = read_resume_state(last_path, args, args.steps) if args.resume else None
+    if state is None and rank == 0 and os.path.isfile(last_path):
+        print(f"models.train: warning: {last_path} of an earlier run will be overwritten by this new run (pass "
+              f"--resume to continue that run instead)", file=sys.stderr, flush=True)
     if rank == 0:  # temp files of a writer that was killed mid-save
         for name in ("last.pt", "model.pt"):
             clean_stale_tmp(os.path.join(args.out, name))

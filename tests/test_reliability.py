@@ -278,3 +278,30 @@ def test_resume_after_a_kill_repeats_no_log_rows_and_cleans_temp_files(tmp_path)
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
     assert all(row["loss"] != 1.0 for row in rows)  # the dead run's rows are gone, not kept beside the new ones
     assert sorted(os.listdir(run)) == ["config.json", "last.pt", "metrics.jsonl", "model.pt"]
+
+
+def test_output_paths_are_checked_before_any_work(tiny_run, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="--out .*afile is a file"):
+        train_mod.train(train_args(afile, "--steps", "1"))
+    ckpt = str(tiny_run / "e" / "model.pt")
+    with pytest.raises(ValueError, match="--out .* is a directory"):
+        sample_mod.main(["--ckpt", ckpt, "--out", str(tmp_path), "--n", "2"])
+    with pytest.raises(ValueError, match="--out .* is a directory"):
+        evaluate_mod.main(["--ckpt", ckpt, "--out", str(tmp_path), "--n", "2"])
+    # a new run over an earlier run's directory says that it overwrites its last.pt
+    run = tmp_path / "run"
+    train_mod.train(train_args(run, "--steps", "1"))
+    capsys.readouterr()
+    train_mod.train(train_args(run, "--steps", "1"))
+    assert "last.pt of an earlier run will be overwritten" in capsys.readouterr().err
+
+
+def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, capsys):
+    from models.cli import run_main
+
+    with pytest.raises(SystemExit) as info:
+        run_main(lambda: sample_mod.main(["--ckpt", str(tmp_path / "missing.pt")]), "models.sample")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("models.sample: error: --ckpt not found") and "Traceback" not in err
