@@ -94,6 +94,27 @@ def test_malicious_checkpoint_is_refused_by_every_loader(tmp_path):
     assert not marker.exists()
 
 
+def test_no_loader_bypasses_the_policy():
+    """Every checkpoint read in models/ and benchmarks/ goes through models.checkpoint, and nothing in the repo
+    unpickles with weights_only off (a new torch.load elsewhere fails here, not in a user's hands)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    offenders = []
+    for top in ("models", "benchmarks", "mirai_kernels", "tests"):
+        for folder, _, names in os.walk(os.path.join(root, top)):
+            for name in names:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, root)
+                text = open(path, encoding="utf-8").read()
+                if "weights_only=" + "False" in text:
+                    offenders.append(f"{rel}: unpickles with weights_only off")
+                if top in ("models", "benchmarks") and rel != os.path.join("models", "checkpoint.py") \
+                        and re.search(r"\btorch\.load\(", text):
+                    offenders.append(f"{rel}: torch.load outside models/checkpoint.py")
+    assert not offenders, offenders
+
+
 def test_own_checkpoints_need_no_extra_types(tiny_run, tmp_path):
     """Every kind of file we write loads under weights_only=True with an empty allow-list (OWN_TYPES)."""
     from models.checkpoint import OWN_TYPES, load_checkpoint
