@@ -96,6 +96,7 @@ def load_checkpoint(path: str, *, map_location="cpu", allow: Sequence = (), what
     if size == 0:
         raise CheckpointError(f"{what} {path!r} is empty (0 bytes): an interrupted copy or download?")
     allowed = tuple(OWN_TYPES) + tuple(allow)
+    intact_zip = False  # a zip archive whose pickle could be scanned: a later failure is not damage
     if zipfile.is_zipfile(path):
         # torch's zip format: scan the pickle's GLOBAL opcodes without executing anything, so an unsafe file is
         # refused with the exact types it names before a single object is built.
@@ -112,6 +113,7 @@ def load_checkpoint(path: str, *, map_location="cpu", allow: Sequence = (), what
         if scan_error is not None:
             raise CheckpointError(f"{what} {path!r} is truncated or corrupt: a zip archive torch cannot read "
                                   f"({type(scan_error).__name__}: {str(scan_error)[:200]})") from scan_error
+        intact_zip = True
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -127,7 +129,8 @@ def load_checkpoint(path: str, *, map_location="cpu", allow: Sequence = (), what
     except Exception as exc:  # torch raises EOFError, KeyError, RuntimeError, ... for damaged or foreign files
         with open(path, "rb") as f:
             head = f.read(8)
-        kind = ("truncated or corrupt" if head.startswith(b"PK") or head[:1] == b"\x80"
+        kind = ("intact but could not be loaded" if intact_zip  # e.g. map_location names a missing device
+                else "truncated or corrupt" if head.startswith(b"PK") or head[:1] == b"\x80"
                 else f"corrupt or not a torch checkpoint (it starts with {head!r})")
         raise CheckpointError(f"{what} {path!r} is {kind}: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
