@@ -29,6 +29,15 @@ class Rope2D(nn.Module):
         self.grid, self.head_dim, self.prefix, self.base, self.backend = grid, head_dim, prefix, base, backend
         self.register_buffer("table", rope_2d_table(grid, head_dim, prefix, base), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # ``.to(bfloat16)`` / ``.half()`` cast floating buffers, but the table must stay fp32 (apply_rope_2d requires
+        # it): a cast table is rebuilt exactly in fp32 on its new device, never upcast from the rounded copy.
+        super()._apply(fn, recurse)
+        if self.table.dtype != torch.float32 and self.table.device.type != "meta":
+            self._buffers["table"] = rope_2d_table(self.grid, self.head_dim, self.prefix, self.base,
+                                                   device=self.table.device)
+        return self
+
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         return apply_rope_2d(x, self.table, positions, backend=self.backend)
 

@@ -48,13 +48,13 @@ from .classifier import builtin_classifier, file_digest, load_classifier, regist
 from .cli import UsageError, device, int_at_least, positive_int, run_main, sampling_seed, train_seed
 from .data import CLASS_NAMES, build_dataset, satisfies_rule
 from .generate import generate
-from .sample import add_sampling_args, check_sampling_request
+from .sample import add_model_source_args, add_sampling_args, check_sampling_request, load_model
 from .tokenizer import PaletteTokenizer
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="model.pt (sampling) or last.pt (uses its EMA weights)")
+    add_model_source_args(p)  # --ckpt, or a LlamaGen --gpt-ckpt with its flags
     p.add_argument("--n", "--num-samples", dest="n", type=int_at_least(2), default=1000, help="number of samples "
                    "(under torchrun spell it --num-samples: torchrun's own parser takes --n for a prefix of its "
                    "options)")
@@ -271,7 +271,7 @@ def interleave(shards, n: int) -> torch.Tensor:
 
 def evaluate(args) -> dict:
     """Sample, score, write the JSON and the ``.npz``; returns the JSON's dict."""
-    from .train import init_distributed, load_sampling_model
+    from .train import init_distributed
 
     if args.n < 2:
         raise ValueError("--n must be at least 2")
@@ -287,7 +287,7 @@ def evaluate(args) -> dict:
     n_ref = args.n_ref or args.n
     t0 = time.perf_counter()
     rank, world, device = init_distributed(args.device)
-    model = load_sampling_model(args.ckpt, device)
+    model = load_model(args, device)
     check_sampling_request(model, cfg=args.cfg)  # before minutes of sampling
     config = model.config
     grid = tuple(config.grid)
@@ -302,7 +302,7 @@ def evaluate(args) -> dict:
     if rank != 0:  # rank 0 scores and writes; the others are done once their shard is in
         return {"rank": rank}
 
-    result = {"ckpt": os.path.abspath(args.ckpt), "n": args.n, "n_ref": n_ref, "data": args.data,
+    result = {"ckpt": os.path.abspath(args.ckpt or args.gpt_ckpt), "n": args.n, "n_ref": n_ref, "data": args.data,
               "data_seed": args.data_seed, "grid": list(grid), "sampling": {**sampling, "seed": args.seed},
               "world_size": world, "sample_s": round(sample_s, 2)}
     if args.vq_ckpt:
@@ -332,7 +332,7 @@ def evaluate(args) -> dict:
                                                                       "heldout")[0], grid)
         result["inception"] = inception_metrics(images, args, ref)
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt or args.gpt_ckpt)), "eval.json")
     npz = args.npz or os.path.splitext(out)[0] + ".npz"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     np.savez(npz, arr_0=images.numpy(), tokens=tokens.numpy(), labels=labels.numpy())

@@ -27,6 +27,8 @@ from torch import nn
 
 import mirai_kernels as mk
 
+from .checkpoint import CheckpointError
+
 
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
@@ -287,3 +289,103 @@ class GPT(nn.Module):
 
 def build_gpt(preset: str = "tiny", **overrides) -> GPT:
     return GPT(config_from_preset(preset, **overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LlamaGen checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+# Where LlamaGen's scripts put the GPT weights, in the order its sample_c2i.py looks: DDP training ("model"),
+# DeepSpeed ("module"), Lightning-style ("state_dict"); "ema" when a file holds only the EMA weights. A bare
+# state dict is what its FSDP training consolidates.
+LLAMAGEN_WEIGHT_KEYS = ("model", "module", "state_dict", "ema")
+# Name prefixes left by wrappers (torch.compile, DDP/DeepSpeed) on every key of a saved state dict.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj) and all(
+        isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def llamagen_state_dict(obj, *, source: str = "checkpoint") -> dict:
+    """The GPT ``state_dict`` inside an already-loaded LlamaGen checkpoint ``obj``, ready for a strict load into
+    :class:`GPT`.
+
+    Reads the ``"model"`` / ``"module"`` / ``"state_dict"`` / ``"ema"`` layouts (first present wins, LlamaGen's
+    order) and bare (FSDP-consolidated) state dicts; strips ``_orig_mod.`` / ``module.`` key prefixes; drops a stored
+    ``freqs_cis`` (older LlamaGen versions kept the RoPE table in the state dict; ours is rebuilt) and stray KV-cache
+    buffers. Refuses a text-to-image (t2i) checkpoint, naming it, since only class-conditional GPTs exist here.
+    ``source`` names the file in messages.
+    """
+    args = obj.get("args") if isinstance(obj, dict) else None
+    if getattr(args, "gpt_type", "c2i") == "t2i":
+        raise CheckpointError(f"{source} is a LlamaGen text-to-image (t2i) checkpoint (its args say gpt_type='t2i'); "
+                         "only class-conditional (c2i) GPTs can be loaded here")
+    if _is_state_dict(obj):
+        state = obj
+    else:
+        key = next((k for k in LLAMAGEN_WEIGHT_KEYS if isinstance(obj, dict) and _is_state_dict(obj.get(k))), None)
+        if key is None:
+            keys = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{source} holds no LlamaGen GPT weights: expected a state dict, bare (FSDP) or under "
+                             f"one of {list(LLAMAGEN_WEIGHT_KEYS)}; found {keys}")
+        state = obj[key]
+    out = {}
+    for name, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while name.startswith(prefix):
+                name = name[len(prefix):]
+        if name == "freqs_cis" or name == "causal_mask" or ".kv_cache." in name:
+            continue
+        out[name] = value
+    if any(k.startswith("cls_embedding.cap_proj.") or k == "cls_embedding.uncond_embedding" for k in out):
+        raise CheckpointError(f"{source} is a LlamaGen text-to-image (t2i) GPT (it has a caption projection, "
+                         "cls_embedding.cap_proj); only class-conditional (c2i) GPTs can be loaded here")
+    if "tok_embeddings.weight" not in out:
+        raise CheckpointError(f"{source} does not look like a LlamaGen GPT state dict (no tok_embeddings.weight; keys: "
+                         f"{sorted(out)[:6]})")
+    return out
+
+
+def load_llamagen_gpt(path: str, *, gpt_model: Optional[str] = None, image_size: Optional[int] = None,
+                      downsample_size: int = 16, codebook_size: int = 16384, num_classes: Optional[int] = None,
+                      cls_token_num: int = 1, device="cpu") -> GPT:
+    """A :class:`GPT` (eval mode) from a LlamaGen c2i GPT checkpoint such as ``c2i_B_256.pt``: LlamaGen's
+    ``sample_c2i.py`` flags ``--gpt-model GPT-B --image-size 256`` (``--downsample-size``, ``--codebook-size``,
+    ``--num-classes``, ``--cls-token-num`` as LlamaGen's defaults). ``gpt_model``/``image_size`` default to the
+    checkpoint's stored ``args`` when it has them; ``num_classes`` to the class table's size.
+
+    Loaded through :func:`models.checkpoint.load_checkpoint` (``weights_only=True``; the only extra type allowed is
+    the ``argparse.Namespace`` LlamaGen's training stores), then :func:`llamagen_state_dict`, then a strict load:
+    a shape or name mismatch is reported against the flags.
+    """
+    from .checkpoint import LLAMAGEN_TYPES, load_checkpoint
+
+    obj = load_checkpoint(path, allow=LLAMAGEN_TYPES, what="--gpt-ckpt")
+    state = llamagen_state_dict(obj, source=f"--gpt-ckpt {path!r}")
+    stored = obj.get("args") if isinstance(obj, dict) else None
+    gpt_model = gpt_model or getattr(stored, "gpt_model", None)
+    image_size = image_size or getattr(stored, "image_size", None)
+    if gpt_model is None or image_size is None:
+        raise CheckpointError(f"--gpt-ckpt {path!r}: pass --gpt-model (e.g. GPT-B) and --image-size (e.g. 256); the file "
+                         "does not record them")
+    if gpt_model not in PRESETS:
+        raise CheckpointError(f"--gpt-model {gpt_model!r}: not a class-conditional preset; choose one of "
+                         f"{[k for k in PRESETS if k.startswith('GPT-')]} (or {[k for k in PRESETS if not k.startswith('GPT-')]})")
+    if image_size % downsample_size:
+        raise CheckpointError(f"--image-size {image_size} is not a multiple of --downsample-size {downsample_size}")
+    rows = state["cls_embedding.embedding_table.weight"].shape[0] if "cls_embedding.embedding_table.weight" in state \
+        else None
+    if num_classes is None:
+        num_classes = (rows - 1) if rows else 1000
+    class_dropout = 0.1 if rows is None or rows > num_classes else 0.0  # the null class row exists iff trained with it
+    grid = image_size // downsample_size
+    model = GPT(config_from_preset(gpt_model, vocab_size=codebook_size, num_classes=num_classes, grid=grid,
+                                   cls_token_num=cls_token_num, class_dropout_prob=class_dropout))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--gpt-ckpt {path!r} does not match --gpt-model {gpt_model} --codebook-size "
+                         f"{codebook_size} --num-classes {num_classes}: {str(exc)[:600]}") from exc
+    return model.to(device).eval()

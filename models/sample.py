@@ -18,6 +18,7 @@ from .cli import UsageError, device, float_in, nonneg_int, positive_int, probabi
 from .data import CLASS_NAMES, satisfies_rule
 from .generate import generate
 from .tokenizer import PaletteTokenizer, image_grid, write_png
+from .gpt import PRESETS, load_llamagen_gpt
 from .train import load_sampling_model
 
 
@@ -28,6 +29,34 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float_in(0.0), default=1.0, help=">= 0 (0 = greedy)")
     p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus in [0, 1] (1 = off, 0 = greedy)")
+
+
+def add_model_source_args(p: argparse.ArgumentParser) -> None:
+    """``--ckpt`` (ours) or ``--gpt-ckpt`` (a LlamaGen c2i GPT checkpoint, with LlamaGen's sample_c2i flags), shared
+    with :mod:`models.evaluate`."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="model.pt (sampling) or last.pt (uses its EMA weights)")
+    src.add_argument("--gpt-ckpt", help="a LlamaGen class-conditional GPT checkpoint (e.g. c2i_B_256.pt), with "
+                     "--gpt-model and --image-size as in LlamaGen's sample_c2i.py")
+    p.add_argument("--gpt-model", choices=[k for k in PRESETS if k.startswith("GPT-")] + [k for k in PRESETS
+                   if not k.startswith("GPT-")], default=None, help="--gpt-ckpt's architecture (default: from the "
+                   "checkpoint's stored args)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="--gpt-ckpt: image side in pixels "
+                   "(256, 384, 512; default: from the checkpoint's stored args)")
+    p.add_argument("--downsample-size", type=positive_int, default=16, help="--gpt-ckpt: VQ downsampling (16)")
+    p.add_argument("--codebook-size", type=positive_int, default=16384, help="--gpt-ckpt: VQ codebook (vocab) size")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="--gpt-ckpt: classes (default: from "
+                   "the class table)")
+    p.add_argument("--cls-token-num", type=positive_int, default=1, help="--gpt-ckpt: class prefix length (1)")
+
+
+def load_model(args, device):
+    """The GPT ``args`` name: ours (``--ckpt``) or LlamaGen's (``--gpt-ckpt``)."""
+    if getattr(args, "gpt_ckpt", None):
+        return load_llamagen_gpt(args.gpt_ckpt, gpt_model=args.gpt_model, image_size=args.image_size,
+                                 downsample_size=args.downsample_size, codebook_size=args.codebook_size,
+                                 num_classes=args.num_classes, cls_token_num=args.cls_token_num, device=device)
+    return load_sampling_model(args.ckpt, device)
 
 
 def has_null_class(model) -> bool:
@@ -51,7 +80,7 @@ def check_sampling_request(model, *, cfg: float, classes=()) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="model.pt (sampling) or last.pt (uses its EMA weights)")
+    add_model_source_args(p)
     p.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint, samples.png)")
     p.add_argument("--n", type=positive_int, default=40)
     p.add_argument("--classes", type=nonneg_int, nargs="*", default=None)
@@ -69,7 +98,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.out and os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a directory: pass the PNG file's path")
-    model = load_sampling_model(args.ckpt, args.device)
+    model = load_model(args, args.device)
     config = model.config
     check_sampling_request(model, cfg=args.cfg, classes=args.classes)
     classes = args.classes if args.classes else list(range(config.num_classes))
@@ -94,7 +123,7 @@ def main(argv=None):
             raise ValueError(f"this model has a {config.vocab_size}-token vocabulary; the built-in palette tokenizer "
                              f"decodes {tokenizer.vocab_size}: pass --vq-ckpt for VQ codes")
         images = tokenizer.decode(tokens, config.grid)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "samples.png")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt or args.gpt_ckpt)), "samples.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_png(out, image_grid(images, ncols=len(classes) if len(classes) <= 16 else 8, scale=args.scale))
     atomic_save({"tokens": tokens, "labels": labels, "grid": config.grid}, os.path.splitext(out)[0] + ".pt")

@@ -9,7 +9,6 @@ and ``generate.py``: pre-norm blocks, fused wqkv, 2D RoPE with zero class rows, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -582,3 +581,115 @@ def test_llamagen_weights_in_our_gpt_give_llamagen_greedy_tokens():
         want = lg_generate_greedy(original, labels, 64, cfg_scale=4.0, cfg_interval=10)
     got = generate(ours, labels, 64, cfg_scale=4.0, cfg_interval=10, sample_logits=False)
     assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LlamaGen checkpoints: every layout, written here, loaded through the one loader
+# ---------------------------------------------------------------------------------------------------------
+
+
+class NotAllowed:
+    """A type no checkpoint of ours or LlamaGen's holds: the loader must refuse a file naming it."""
+
+
+def _micro_llamagen():
+    """A LlamaGen-structured model with the dims of our "micro" preset (dim 128, 4 layers, 2 heads), palette-sized
+    vocab (8), 10 classes + null, 4x4 tokens (image 64 px at downsample 16)."""
+    torch.manual_seed(0)
+    return LGTransformer(LGArgs(dim=128, n_layer=4, n_head=2, vocab_size=8, num_classes=10, block_size=16))
+
+
+def _layouts(state, args_ns):
+    compiled = {"_orig_mod." + k: v for k, v in state.items()}
+    return {
+        "ddp_model": {"model": state, "optimizer": {}, "steps": 10, "args": args_ns},
+        "deepspeed_module": {"module": state},
+        "ema_only": {"ema": state, "args": args_ns},
+        "state_dict": {"state_dict": state},
+        "bare_fsdp_with_freqs": {**state, "freqs_cis": torch.randn(17, 32, 2)},
+        "bare_compiled": compiled,
+    }
+
+
+def test_llamagen_checkpoint_layouts_load(tmp_path):
+    import argparse
+
+    from models.gpt import load_llamagen_gpt
+
+    original = _micro_llamagen().train()
+    state = original.state_dict()
+    args_ns = argparse.Namespace(gpt_model="micro", image_size=64, gpt_type="c2i", lr=1e-4)
+    idx, labels = torch.randint(0, 8, (2, 15)), torch.tensor([1, 9])
+    torch.manual_seed(5)
+    want, _ = original(idx=idx, cond_idx=labels)
+    for name, obj in _layouts(state, args_ns).items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(obj, path)
+        model = load_llamagen_gpt(str(path), gpt_model="micro", image_size=64, codebook_size=8)
+        assert model.config.num_classes == 10 and model.config.grid == (4, 4) and not model.training
+        assert model.rope_table.dtype == torch.float32
+        model.train()
+        for m in model.modules():  # the preset's LlamaGen dropouts (0.1) off, as in the original here
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        torch.manual_seed(5)  # same class-dropout draws
+        got, _ = model(idx, labels)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=name)
+    # the stored Namespace supplies --gpt-model / --image-size when they are not passed
+    model = load_llamagen_gpt(str(tmp_path / "ddp_model.pt"), codebook_size=8)
+    assert model.config.dim == 128 and model.config.grid == (4, 4)
+
+
+def test_llamagen_checkpoints_refused_clearly(tmp_path):
+    import argparse
+
+    from models.checkpoint import CheckpointError, UnsafeCheckpointError
+    from models.gpt import llamagen_state_dict, load_llamagen_gpt
+
+    state = _micro_llamagen().state_dict()
+    kw = dict(gpt_model="micro", image_size=64, codebook_size=8)
+    cases = {
+        "t2i_args": ({"model": state, "args": argparse.Namespace(gpt_type="t2i")}, CheckpointError, "t2i"),
+        "t2i_weights": ({"model": {**state, "cls_embedding.cap_proj.fc1.weight": torch.zeros(2, 2)}},
+                        CheckpointError, "t2i"),
+        "no_weights": ({"optimizer": {}, "steps": 3}, CheckpointError, "no LlamaGen GPT weights"),
+        "other_type": ({"model": state, "args": NotAllowed()}, UnsafeCheckpointError, "NotAllowed"),
+    }
+    for name, (obj, error, match) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(obj, path)
+        with pytest.raises(error, match=match):
+            load_llamagen_gpt(str(path), **kw)
+    torch.save({"model": state}, tmp_path / "ok.pt")
+    with pytest.raises(CheckpointError, match="does not match --gpt-model GPT-B"):
+        load_llamagen_gpt(str(tmp_path / "ok.pt"), gpt_model="GPT-B", image_size=64, codebook_size=8)
+    with pytest.raises(CheckpointError, match="--gpt-model"):
+        load_llamagen_gpt(str(tmp_path / "ok.pt"), image_size=64, codebook_size=8)
+    assert set(llamagen_state_dict({"model": state})) == set(state)
+
+
+def test_sample_cli_runs_a_llamagen_checkpoint(tmp_path):
+    """``python -m models.sample --gpt-ckpt ... --gpt-model ... --image-size ...`` as a LlamaGen user types it."""
+    import argparse
+
+    from models import sample
+
+    torch.save({"model": _micro_llamagen().state_dict(), "args": argparse.Namespace(gpt_type="c2i")},
+               tmp_path / "c2i_micro_64.pt")
+    out = tmp_path / "grid.png"
+    sample.main(["--gpt-ckpt", str(tmp_path / "c2i_micro_64.pt"), "--gpt-model", "micro", "--image-size", "64",
+                 "--codebook-size", "8", "--n", "2", "--cfg", "2.0", "--top-k", "4", "--out", str(out),
+                 "--device", "cpu"])
+    assert out.is_file() and (tmp_path / "grid.pt").is_file()
+    with pytest.raises(SystemExit):  # one model source, not both
+        sample.parse_args(["--ckpt", "a.pt", "--gpt-ckpt", "b.pt"])
+
+
+def test_rope_module_table_stays_fp32_under_casts():
+    rope = mk.Rope2D((4, 4), 16)
+    fresh = rope.table.clone()
+    x = torch.randn(2, 17, 3, 16)
+    for dtype in (torch.bfloat16, torch.float16):
+        rope = rope.to(dtype)
+        assert rope.table.dtype == torch.float32 and torch.equal(rope.table, fresh)
+        assert rope(x.to(dtype)).dtype == dtype
