@@ -2,6 +2,7 @@
 
     python benchmarks/decode_bench.py                         # CPU defaults: GPT-B heads, batch 8, caches 256/576
     python benchmarks/decode_bench.py --batch 8 32 64 --cache-lens 256 576 --layers 12 --json out.json   # GPU
+    python benchmarks/decode_bench.py --no-kernels --dtype bfloat16 --e2e-grid 4 --e2e-batch 2   # e2e, bf16 weights
 
 One call = one decode step of every layer (``--layers`` separate caches, cycled so that on a GPU the 50 MB L2 does
 not hold the KV of the next call): append the new token's k/v at ``cache_seqlens``, rotate q/k with RoPE
@@ -26,6 +27,8 @@ End to end (``--e2e``; on by default): sampling ``H*W`` tokens with CFG 2.0 from
 GPT-B on GPU, tiny on CPU; random weights, the output layer perturbed off zero) — our sampler
 (``models.generate.generate``: static KV cache, ``decode_attention``, the step CUDA-graph-captured on GPU) vs an
 eager LlamaGen-style loop (per-step Python, a KV cache grown with ``torch.cat``, SDPA, ``torch.multinomial``).
+The model is cast with ``model.to(dtype)`` (``--dtype``: fp16 by default on GPU, bf16 as LlamaGen's sampling
+script), which keeps the RoPE table fp32.
 Reports ms per image batch, us per step, images/s and GB/s (weights + the average KV bytes per step).
 """
 
