@@ -32,7 +32,7 @@ constexpr int64_t kKeyBlock = 32;
 constexpr int64_t kMinKeysPerSplit = 128;
 
 int64_t cpu_num_splits(int64_t requested, int64_t batch, int64_t nheads_kv, int64_t max_keys) {
-  if (requested > 0) return requested;
+  if (requested > 0) return std::min(requested, std::max<int64_t>(1, max_keys));  // more splits would all be empty
   // Depends on static shapes only (not on cache_seqlens), like the GPU heuristic, so a captured step stays valid.
   const int64_t threads = at::get_num_threads();
   const int64_t tasks = batch * nheads_kv;
@@ -187,11 +187,13 @@ inline __attribute__((always_inline)) void attend_tasks(const AttendCtx<scalar_t
           p[j] = dot(qf.data() + r * head_dim, krows[j], head_dim) * scale;
           block_max = std::max(block_max, p[j]);
         }
-        const acc_t m_new = std::max(m[r], block_max);
-        const acc_t alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first block
+        const acc_t m_new = std::max(m[r], block_max);  // std::max skips NaN scores: they reach p[j] below
+        // All scores so far -inf: nothing to attend yet (weights 0, as SDPA), not exp(-inf + inf) = NaN.
+        const acc_t shift = m_new == neg_inf ? acc_t(0) : m_new;
+        const acc_t alpha = std::exp(m[r] - shift);  // exp(-inf) = 0 on the first block
         acc_t sum = 0;
         for (int64_t j = 0; j < visible; ++j) {
-          p[j] = std::exp(p[j] - m_new);
+          p[j] = std::exp(p[j] - shift);  // a NaN score stays NaN, so the row's l and output become NaN
           sum += p[j];
         }
         l[r] = l[r] * alpha + sum;
@@ -207,7 +209,8 @@ inline __attribute__((always_inline)) void attend_tasks(const AttendCtx<scalar_t
     }
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* o = part_o + (task * rows + r) * head_dim;
-      const bool any = l[r] > acc_t(0);
+      // l = 0: nothing attended (zeros). l NaN (a NaN in q or a visible key) must propagate, not count as empty.
+      const bool any = l[r] != acc_t(0);
       part_lse[task * rows + r] = any ? m[r] + std::log(l[r]) : neg_inf;
       const acc_t inv = any ? acc_t(1) / l[r] : acc_t(0);
       for (int64_t d = 0; d < head_dim; ++d) o[d] = acc[r * head_dim + d] * inv;
@@ -306,9 +309,14 @@ void decode_cpu_kernel(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_c
       const int64_t r = t % rows, bh = t / rows, b = bh / nheads_kv, hk = bh % nheads_kv;
       const int64_t i = r / group, h = hk * group + r % group;
       acc_t mx = neg_inf;
-      for (int64_t s = 0; s < num_splits; ++s) mx = std::max(mx, part_lse[(bh * num_splits + s) * rows + r]);
-      std::fill(o.begin(), o.end(), acc_t(0));
-      if (mx != neg_inf) {
+      bool nan_split = false;  // std::max skips NaN, so a NaN split is looked for explicitly
+      for (int64_t s = 0; s < num_splits; ++s) {
+        const acc_t lse = part_lse[(bh * num_splits + s) * rows + r];
+        nan_split = nan_split || std::isnan(lse);
+        mx = std::max(mx, lse);
+      }
+      std::fill(o.begin(), o.end(), nan_split ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0));
+      if (!nan_split && mx != neg_inf) {
         acc_t wsum = 0;
         for (int64_t s = 0; s < num_splits; ++s) {
           const int64_t task = bh * num_splits + s;

@@ -138,6 +138,14 @@ MIRAI_CLONES void scale_row(float* x, int n, float a) {
   for (int j = 0; j < n; ++j) x[j] *= a;
 }
 
+// True when rows x dim values (row stride ld) are all finite.
+static bool rows_finite(const float* x, int ld, int rows, int dim) {
+  for (int i = 0; i < rows; ++i)
+    for (int d = 0; d < dim; ++d)
+      if (!std::isfinite(x[(size_t)i * ld + d])) return false;
+  return true;
+}
+
 // One online-softmax accumulator over a tile of rows: running max, running sum, unnormalised output.
 struct Accumulator {
   std::vector<float> m, l, acc;
@@ -149,10 +157,21 @@ struct Accumulator {
   // Fold scores s[0..n) of row r into the running state; writes their probabilities (w.r.t. the new max) to p.
   void update_row(int r, const float* s, float* p, int n, int dim) {
     if (n <= 0) return;
-    const float m_new = std::max(m[r], row_max(s, n));
+    const float m_new = std::max(m[r], row_max(s, n));  // row_max skips NaN scores: they reach p via exp below
+    if (m_new == kNegInf) {
+      // Every score so far -inf (or NaN): weights 0 (nothing to attend yet, as SDPA) rather than
+      // exp(-inf + inf) = NaN, unless a score is NaN, which must reach l and the output.
+      bool any_nan = false;
+      for (int j = 0; j < n; ++j) any_nan = any_nan || std::isnan(s[j]);
+      if (!any_nan) {
+        std::fill(p, p + n, 0.f);
+        return;
+      }
+    }
+    const float shift = m_new == kNegInf ? 0.f : m_new;
     const float corr = m[r] == kNegInf ? 0.f : exp_approx(m[r] - m_new);
     if (corr != 1.f) scale_row(acc.data() + (size_t)r * dim, dim, corr);
-    l[r] = l[r] * corr + exp_shift_sum(s, p, n, m_new);
+    l[r] = l[r] * corr + exp_shift_sum(s, p, n, shift);
     m[r] = m_new;
   }
 };
@@ -244,7 +263,17 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               U.update_row(r, s + r + 1, pu + r + 1, n - r - 1, D);
             }
           }
-          gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, Vd, ldv, 1.f, C.acc.data(), D);
+          if (rows_finite(Vd, ldv, bq, D)) {
+            gemm(false, false, bq, D, n, 1.f, p_buf.data(), n, Vd, ldv, 1.f, C.acc.data(), D);
+          } else {
+            // A non-finite value in the block: the GEMM would weight it by 0 in the rows before it (0 * NaN = NaN,
+            // a future value reaching a causal row), so each row sums its visible columns only.
+            for (int r = 0; r < bq; ++r) {
+              float* a = C.acc.data() + (size_t)r * D;
+              const float* pc = p_buf.data() + (size_t)r * n;
+              for (int j = 0; j <= r; ++j) axpy_row(a, Vd + (size_t)j * ldv, pc[j], a, D);
+            }
+          }
           if (want_b) gemm(false, false, bq, D, n, 1.f, pu_buf.data(), n, Vd, ldv, 1.f, U.acc.data(), D);
         }
         // Region U: keys [i0 + bq, S), all in every row's future.
@@ -264,11 +293,16 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const float* au = U.acc.data() + (size_t)r * D;
           const int64_t orow = ((b * S + i) * H + h) * D;
           if (want_c) {
-            const float inv = 1.f / C.l[r];
+            // l = 0: every visible score was -inf, nothing attended (zeros, lse -inf); a NaN l propagates.
+            const bool any = C.l[r] != 0.f;
+            const float inv = any ? 1.f / C.l[r] : 0.f;
             for (int d = 0; d < D; ++d) oc[orow + d] = static_cast<T>(ac[d] * inv);
-            lc[(b * H + h) * S + i] = C.m[r] + std::log(C.l[r]);
+            lc[(b * H + h) * S + i] = any ? C.m[r] + std::log(C.l[r]) : kNegInf;
           }
-          if (want_b) {
+          if (want_b && C.l[r] == 0.f && U.l[r] == 0.f) {  // nothing attended (see above)
+            for (int d = 0; d < D; ++d) ob[orow + d] = static_cast<T>(0.f);
+            lb[(b * H + h) * S + i] = kNegInf;
+          } else if (want_b) {
             const float mx = std::max(C.m[r], U.m[r]);
             const float wc = std::exp(C.m[r] - mx);
             const float wu = U.l[r] > 0.f ? std::exp(U.m[r] - mx) : 0.f;

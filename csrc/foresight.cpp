@@ -264,7 +264,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
     gw = at::empty({0}, x.options());
     gb = at::empty({0}, x.options());
   }
-  if (B * N * K == 0) return {per_head, gx, gw.to(x.scalar_type()), gb.to(x.scalar_type())};
+  if (B * N * K == 0) {
+    // No row: every gradient is exactly zero (the GEMMs that would write gx and gw never run).
+    if (compute_grad) {
+      gx.zero_();
+      gw.zero_();
+    }
+    return {per_head, gx, gw.to(x.scalar_type()), gb.to(x.scalar_type())};
+  }
   const auto counts = (tpos >= 0).sum(0).to(acc) * double(B);
   std::vector<at::Tensor> tks, biases;
   for (int64_t k = 0; k < K; ++k) {

@@ -179,7 +179,13 @@ class ForesightHeads(nn.Module):
         batch, seqlen, _ = h.shape
         a = torch.nn.functional.linear(h, params[0], params[1]).view(batch, seqlen, self.n_heads, self.hidden)
         for i in range(self.depth - 2):
-            a = _SiluBmm.apply(a, params[2 + 2 * i], params[3 + 2 * i])
+            if a.numel() == 0:
+                # Empty batch: _SiluBmm's (K, B*N, -1) reshapes are ambiguous on zero rows; this plain form gives the
+                # same empty activation and exact zero gradients.
+                w, b = params[2 + 2 * i], params[3 + 2 * i]
+                a = torch.einsum("bnki,koi->bnko", torch.nn.functional.silu(a), w) + b
+            else:
+                a = _SiluBmm.apply(a, params[2 + 2 * i], params[3 + 2 * i])
         return a
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor):

@@ -590,3 +590,82 @@ def test_gpu_foresight_heads_triton_matches_paper_eager(recompute):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         total_bf16, _ = module.float()(h, targets)
     assert abs(total_bf16.item() - total_ref.item()) < 0.05 * abs(total_ref.item()) + 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Empty batches, double backward, interpreted bf16 (issue 17)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("face", ALL_FACES)
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)], ids=["batch0", "seqlen0"])
+def test_fused_linear_empty_batch_gives_zero_loss_and_exact_zero_grads(face, shape):
+    # The weight gradient used to be uninitialised memory (NaN or 1e19) on the C++ and Triton faces.
+    batch, seqlen = shape
+    x = torch.randn(batch, seqlen, 2, 8, requires_grad=True)
+    weight, bias = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 4, requires_grad=True)
+    for _ in range(3):  # fresh garbage in torch.empty each time
+        total, per_head = mk.fused_linear_cosine_loss(x, weight, bias, torch.randn(batch, seqlen, 4), [0, 1],
+                                                      grid=(2, 2), input_activation="silu", backend=face)
+        assert total.item() == 0.0 and torch.equal(per_head, torch.zeros(2))
+        for g, t in zip(torch.autograd.grad(total, (x, weight, bias)), (x, weight, bias)):
+            assert torch.equal(g, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("face", ALL_FACES)
+def test_cosine_loss_empty_batch_gives_zero_loss_and_grads(face):
+    proj = torch.randn(0, 5, 2, 8, requires_grad=True)
+    total, per_head = mk.foresight_cosine_loss(proj, torch.randn(0, 5, 8), [0, 1], grid=(2, 2), backend=face)
+    assert total.item() == 0.0 and torch.equal(per_head, torch.zeros(2))
+    (g,) = torch.autograd.grad(total, proj)
+    assert g.shape == proj.shape
+
+
+@pytest.mark.parametrize("face", ALL_FACES)
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_foresight_heads_empty_batch_gives_exact_zero_grads(face, depth):
+    # Used to give NaN / 1.7e38 gradients (depth 1, 2) or a reshape error (depth >= 3).
+    heads = mk.ForesightHeads(8, 4, [0, 1], grid=(2, 2), hidden=6, depth=depth, backend=face)
+    total, per_head = heads(torch.randn(0, 5, 8), torch.randn(0, 5, 4))
+    assert total.item() == 0.0
+    total.backward()
+    for name, p in heads.named_parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_cosine_loss_double_backward_matches_the_reference(face):
+    # The fast faces used to give zero second-order gradients (their bwd op has no derivative).
+    proj = torch.randn(2, 5, 2, 8, requires_grad=True)
+    targets = torch.randn(2, 5, 8)
+
+    def second_order(backend, p):
+        total, _ = mk.foresight_cosine_loss(p, targets.to(p.dtype), [0, 1], grid=(2, 2), backend=backend)
+        (g,) = torch.autograd.grad(total, p, create_graph=True)
+        return torch.autograd.grad((g * g).sum(), p)[0]
+
+    got = second_order(face, proj)
+    expected = second_order("reference", proj.detach().double().requires_grad_())
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_fused_linear_double_backward_raises(face):
+    x = torch.randn(2, 5, 2, 8, requires_grad=True)
+    weight = torch.randn(2, 4, 8, requires_grad=True)
+    total, _ = mk.fused_linear_cosine_loss(x, weight, None, torch.randn(2, 5, 4), [0, 1], grid=(2, 2), backend=face)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(total, (x, weight), create_graph=True)
+
+
+def test_interpreted_triton_refuses_bfloat16():
+    if "triton" not in FACES or not B.triton_interpreted():
+        pytest.skip("needs the interpreted Triton face")
+    proj = torch.randn(1, 5, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="bfloat16 on the interpreted Triton face"):
+        mk.foresight_cosine_loss(proj, torch.randn(1, 5, 8, dtype=torch.bfloat16), [0, 1], grid=(2, 2),
+                                 backend="triton")
+    with pytest.raises(TypeError, match="bfloat16 on the interpreted Triton face"):
+        mk.fused_linear_cosine_loss(proj, torch.randn(2, 4, 8, dtype=torch.bfloat16), None,
+                                    torch.randn(1, 5, 4, dtype=torch.bfloat16), [0, 1], grid=(2, 2), backend="triton")

@@ -305,3 +305,46 @@ def test_gpu_faces_match_fp64(face, dtype, shape):
     torch.testing.assert_close(mk.apply_rope_2d(x, table, positions, backend=face),
                                ref.apply_rope_2d(x, table, positions), atol=2e-2, rtol=2e-2)
     opcheck(rope_ops.face_op(face), (x, table, positions, False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Non-finite and empty inputs, interpreted bf16 (issue 17)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_non_finite_inputs_propagate_as_plain_pytorch_maths(face):
+    """NaN/Inf reach exactly the outputs plain PyTorch's rotation gives them (Inf times a zero class-token row is
+    NaN, as in LlamaGen's apply_rotary_emb)."""
+    table = mk.rope_2d_table(3, 8)
+    x = torch.randn(2, 6, 2, 8)
+    x[0, 0, 0, 1] = float("inf")  # class-token row: cos = sin = 0
+    x[0, 3, 1, 2] = float("nan")
+    x[1, 4, 0, 6] = float("-inf")
+    out = mk.apply_rope_2d(x, table, backend=face)
+    pairs = x.double().unflatten(-1, (-1, 2))
+    rows = table[:6].double()[None, :, None]
+    cos, sin = rows[..., 0], rows[..., 1]
+    plain = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin],
+                        -1).flatten(-2)
+    assert torch.equal(out.isnan(), plain.isnan()) and plain.isnan().any()
+    assert torch.equal(out.isinf(), plain.isinf())
+    finite = plain.isfinite()
+    torch.testing.assert_close(out.double()[finite], plain[finite], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("shape", [(0, 4, 2, 8), (2, 0, 2, 8), (2, 4, 0, 8)])
+def test_empty_inputs_give_empty_outputs_and_grads(face, shape):
+    x = torch.randn(shape, requires_grad=True)
+    out = mk.apply_rope_2d(x, mk.rope_2d_table(2, 8), backend=face)
+    assert out.shape == x.shape
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g.shape == x.shape
+
+
+def test_interpreted_triton_refuses_bfloat16():
+    if "triton" not in FACES or not B.triton_interpreted():
+        pytest.skip("needs the interpreted Triton face")
+    with pytest.raises(TypeError, match="bfloat16 on the interpreted Triton face"):
+        mk.apply_rope_2d(torch.randn(1, 4, 2, 8, dtype=torch.bfloat16), mk.rope_2d_table(2, 8), backend="triton")

@@ -209,12 +209,13 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
       for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, off));
       const float m_old = m_s[r];
       const float m_new = fmaxf(m_old, mx);
-      float alpha = 1.f, p0 = 0.f, p1 = 0.f;
-      if (m_new != -INFINITY) {  // a row with no visible key yet keeps m = -inf and l = 0
-        alpha = exp2f(m_old - m_new);
-        p0 = exp2f(s0 - m_new);
-        p1 = exp2f(s1 - m_new);
-      }
+      // A row with no visible key yet (or only -inf scores) keeps m = -inf and l = 0: shifting by 0 then gives
+      // weights exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN, while a NaN score (skipped by fmaxf) still
+      // gives a NaN weight, so l and the row become NaN as in plain attention.
+      const float shift = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(m_old - shift);
+      const float p0 = exp2f(s0 - shift);
+      const float p1 = exp2f(s1 - shift);
       float sum = p0 + p1;
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kFullMask, sum, off);
@@ -237,12 +238,15 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     }
 #pragma unroll
     for (int n = 0; n < NP; ++n) {
-      const int jj = n * KPP + kl;
+      const int jj = n * KPP + kl, key = c0 + jj;
       if (jj >= nk) continue;
       float vv[8];
       unpack8<T>(vraw[n], vv);
 #pragma unroll
       for (int r = 0; r < MQ; ++r) {
+        // A key after the row's position is skipped, not weighted by 0: 0 * NaN would let a NaN value of a
+        // masked-out row reach the output.
+        if (key > limit[r]) continue;
         const float pr = s_s[r][jj];
 #pragma unroll
         for (int u = 0; u < 8; ++u) acc[r][u] += pr * vv[u];
@@ -273,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) o += red_s[w][r][d];
     const float l = l_s[r];
-    const bool any = l > 0.f;
+    const bool any = l != 0.f;  // l NaN (NaN in q or a visible key) propagates; l = 0: nothing attended
     o = any ? o / l : 0.f;
     const int i = rg / p.group, head = hk * p.group + rg % p.group;
     const int64_t orow = (static_cast<int64_t>(b) * p.seqlen_q + i) * p.nheads + head;
@@ -293,10 +297,14 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const float* __restri
   const int64_t row = blockIdx.x;  // (b * S_q + i) * H + h
   const float* lse = part_lse + row * num_splits;
   float mx = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, lse[s]);
+  bool nan_split = false;  // fmaxf skips NaN, so a NaN split is looked for explicitly
+  for (int s = 0; s < num_splits; ++s) {
+    nan_split = nan_split || lse[s] != lse[s];  // isnan, spelled so the CPU emulator needs no CUDA math header
+    mx = fmaxf(mx, lse[s]);
+  }
   const int d = threadIdx.x;
-  float o = 0.f, wsum = 0.f;
-  if (mx != -INFINITY) {
+  float o = nan_split ? NAN : 0.f, wsum = nan_split ? 1.f : 0.f;
+  if (!nan_split && mx != -INFINITY) {
     for (int s = 0; s < num_splits; ++s) {
       const float w = exp2f(lse[s] - mx);  // 0 for empty splits
       wsum += w;

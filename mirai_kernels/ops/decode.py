@@ -26,6 +26,7 @@ import torch
 
 from .. import backend as _backend
 from ..reference import decode as _reference
+from . import _checks
 
 OP = "decode_attention"
 _backend.register_op_faces(OP, ("reference", "triton", "cpp", "cuda"))
@@ -136,6 +137,12 @@ def _check_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table) 
             raise ValueError(f"{where}: rope_table must be contiguous")
         if rope_table.device != q.device:
             raise ValueError(f"{where}: rope_table is on {rope_table.device} but q is on {q.device}")
+    if k_new is not None:
+        # An expand()ed cache maps several (batch, row, head) slots to one memory row: the fast faces would write
+        # them all there and attend to whichever came last.
+        _checks.check_writable(where, "k_cache", k_cache)
+        _checks.check_writable(where, "v_cache", v_cache)
+        _checks.check_distinct(where, "k_cache", k_cache, "v_cache", v_cache)
     if torch.is_grad_enabled() and any(t.requires_grad for _, t in tensors):
         raise RuntimeError(f"{where} is inference-only (no autograd formula): call it under torch.no_grad() or "
                            "torch.inference_mode(), or detach the inputs")
@@ -198,7 +205,7 @@ def decode_attention(
         cache_seqlens: int32 ``(batch,)`` on q's device: each sequence's cache length **before** the append (they
             may differ across the batch). Never modified: the caller advances it. Without ``k_new`` the queries are
             the last ``seqlen_q`` tokens already in the cache.
-        softmax_scale: default ``1 / sqrt(head_dim)``.
+        softmax_scale: a finite float (NaN/Inf are refused); default ``1 / sqrt(head_dim)``.
         rope_table: optional ``(rows, head_dim/2, 2)`` float32 from :func:`mirai_kernels.rope_2d_table`. q and
             k_new are rotated (LlamaGen interleaved pairs, rounded to q's dtype) by row = their absolute position
             ``L_b - seqlen_q + i`` (``L_b`` the length after the append); v is never rotated.
@@ -215,16 +222,27 @@ def decode_attention(
     rows) are checked on CPU tensors always and on GPU only with ``MIRAI_DEBUG=1``; invalid values never make the
     GPU kernels touch memory outside the cache, but their results are then undefined. Inference only: raises if
     grad mode is on and an input requires grad.
+
+    Bad input (every face, checked here once): appending into caches whose rows alias (``expand``ed, stride 0) or
+    into ``k_cache`` = ``v_cache`` is refused. Non-finite values follow plain attention (SDPA): a NaN in q or in a
+    visible key makes the row NaN, a NaN/Inf in a visible value reaches that output dimension; cache rows a query
+    does not see (past ``L_b``, or after its position) never reach it whatever they hold; a row whose visible scores
+    are all ``-inf`` is zeros. Empty inputs give empty outputs (the append, if any, still happens).
     """
     _check_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table)
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"decode_attention: num_splits must be an int >= 0 (0 = heuristic), got {num_splits!r}")
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scale = _checks.check_softmax_scale("decode_attention", softmax_scale)
+    scale = 1.0 / math.sqrt(max(1, q.shape[-1])) if scale is None else scale  # head_dim 0: empty anyway
+    # More splits than cache rows only adds empty splits (and a split-sized buffer per split): clamp.
+    num_splits = min(num_splits, max(1, k_cache.shape[1]))
     face = _backend.select_face(OP, q.device, backend)
+    _checks.check_face_dtype("decode_attention", face, q.dtype)
+    # Empty q (batch, seqlen_q, nheads or head_dim 0): the reference's exact append (k_new may still have rows when
+    # nheads = 0) and an empty output, on every face, with no zero-sized launch.
+    face = _checks.face_for(face, q)
     if face == "reference":
         return _reference.decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, rope_table)
-    if face == "triton" and q.dtype == torch.float64:
-        raise TypeError("decode_attention: the triton face computes in fp32 and does not take float64 inputs")
     if face == "cuda" and (q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128)):
         raise TypeError(f"decode_attention: the cuda face takes float16/bfloat16 with head_dim 64 or 128, got "
                         f"{q.dtype}, head_dim {q.shape[-1]}")

@@ -24,6 +24,7 @@ import torch
 
 from .. import backend as _backend
 from ..reference import dual_attention as _reference
+from . import _checks
 
 OP = "dual_attention"
 _backend.register_op_faces(OP, ("reference", "triton", "cpp"))
@@ -74,6 +75,18 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+def _reference_vjp(q, k, v, softmax_scale, dout_c, dout_b):
+    """``(dq, dk, dv)`` for upstream ``dout_c``/``dout_b`` (None: not flowing) from the reference maths, as a
+    differentiable graph (used by the fast faces' backward under ``create_graph=True``)."""
+    outputs = "both" if dout_c is not None and dout_b is not None else ("causal" if dout_c is not None else
+                                                                         "bidirectional")
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in (q, k, v)]
+        out_c, out_b, _, _ = _reference.dual_attention(*leaves, softmax_scale, outputs)
+        outs, grads = zip(*[(o, g) for o, g in ((out_c, dout_c), (out_b, dout_b)) if g is not None])
+        return torch.autograd.grad(outs, leaves, grads, create_graph=True, allow_unused=True)
+
+
 def _register(face: str) -> None:
     fwd, bwd = f"mirai::dual_attention_fwd_{face}", f"mirai::dual_attention_bwd_{face}"
     bwd_op = getattr(torch.ops.mirai, f"dual_attention_bwd_{face}")
@@ -92,6 +105,10 @@ def _register(face: str) -> None:
         dout_b = _unit_last_stride(grad_b) if ctx.has_b and grad_b is not None else None
         if dout_c is None and dout_b is None:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the bwd kernels have no derivative of their own, so this
+            # backward is the reference's, differentiated by autograd, instead of silently zero second-order terms.
+            return (*_reference_vjp(q, k, v, ctx.softmax_scale, dout_c, dout_b), None, None, None, None)
         dq, dk, dv = bwd_op(q, k, v, out_c if dout_c is not None else None, out_b if dout_b is not None else None,
                             lse_c if dout_c is not None else None, lse_b if dout_b is not None else None,
                             dout_c, dout_b, ctx.softmax_scale)
@@ -150,8 +167,7 @@ def _check_inputs(q, k, v, softmax_scale, outputs) -> None:
                              "strided views of a fused qkv are fine, a transposed head_dim is not")
     if outputs not in OUTPUTS:
         raise ValueError(f"{where}: outputs must be one of {OUTPUTS}, got {outputs!r}")
-    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale)):
-        raise ValueError(f"{where}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    _checks.check_softmax_scale(where, softmax_scale)
 
 
 def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: Optional[float] = None,
@@ -180,11 +196,22 @@ def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
         ``(out_causal, out_bidir)``, or with ``return_lse=True`` ``(out_causal, out_bidir, lse_causal, lse_bidir)``;
         None for an output not requested. Outputs are ``(batch, seqlen, nheads, head_dim)`` contiguous in q's dtype
         (fp32 accumulation); LSEs are ``(batch, nheads, seqlen)`` float32 (float64 for float64 inputs) and carry no
-        gradient. Both outputs are differentiable w.r.t. q, k, v with independent upstream gradients.
+        gradient. Both outputs are differentiable w.r.t. q, k, v with independent upstream gradients; double
+        backward (``create_graph=True``) works on every face (the fast faces' backward then runs the reference's
+        maths).
+
+    Non-finite inputs follow plain attention (SDPA): NaN in q or a visible key makes the row NaN, NaN/Inf in a
+    visible value reaches that output dimension, a future key/value never reaches a causal row, a row whose visible
+    scores are all ``-inf`` is zeros with LSE ``-inf`` (the Triton face does not yet follow these last two: issue
+    17). ``softmax_scale`` must be finite. Empty inputs give empty
+    outputs and zero gradients.
     """
     _check_inputs(q, k, v, softmax_scale, outputs)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = 1.0 / math.sqrt(max(1, q.shape[-1])) if softmax_scale is None else float(softmax_scale)
     face = _backend.select_face(OP, q.device, backend)
+    if face != "reference":
+        _checks.check_face_dtype("dual_attention", face, q.dtype, fp64_faces=("reference",))
+    face = _checks.face_for(face, q, k, v)  # empty: empty outputs, zero gradients, exact LSEs
     if face == "reference":
         out_c, out_b, lse_c, lse_b = _reference.dual_attention(q, k, v, scale, outputs)
         if lse_c is not None:
@@ -192,9 +219,6 @@ def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
         if lse_b is not None:
             lse_b = lse_b.detach()
     else:
-        if q.dtype == torch.float64:
-            raise TypeError(f"dual_attention: the {face} face computes in fp32 and takes no float64 inputs "
-                            "(use backend='reference')")
         want_c, want_b = outputs != "bidirectional", outputs != "causal"
         out_c, out_b, lse_c, lse_b = getattr(torch.ops.mirai, f"dual_attention_fwd_{face}")(
             q, k, v, scale, want_c, want_b, bidirectional_grad)

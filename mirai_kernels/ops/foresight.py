@@ -41,6 +41,7 @@ import torch
 
 from .. import backend as _backend
 from ..reference import foresight as _reference
+from . import _checks
 
 OP = "foresight_cosine_loss"
 FUSED_OP = "fused_linear_cosine_loss"
@@ -111,6 +112,9 @@ def _fused_linear_cos_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     else:
         gx, gw, gb = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if batch * seqlen * n_heads == 0:
+        if compute_grad:  # no row: the GEMMs that would write gx and gw never run; the gradients are zeros
+            gx.zero_()
+            gw.zero_()
         return per_head, gx, gw.to(x.dtype), gb.to(x.dtype)
     counts = (tpos >= 0).sum(0).to(acc) * batch
     for k in range(n_heads):
@@ -176,6 +180,14 @@ def _register_cos(face: str) -> None:
 
     def backward(ctx, grad_cos):
         proj, targets, tpos = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the bwd kernel has no derivative of its own, so this backward is
+            # the reference's, differentiated by autograd, instead of silently zero second-order terms.
+            with torch.enable_grad():
+                leaf = proj if proj.requires_grad else proj.detach().requires_grad_()
+                cos = _reference.pairwise_cosine(leaf, targets, tpos)
+                (grad_proj,) = torch.autograd.grad(cos, leaf, grad_cos.to(cos.dtype), create_graph=True)
+            return grad_proj.to(proj.dtype), None, None
         return bwd_op(grad_cos, proj, targets, tpos), None, None
 
     torch.library.register_fake(fwd)(_fake_cos_fwd)
@@ -215,6 +227,14 @@ def _register_fused(face: str) -> None:
             )
         if grad_per_head is None:
             return (None,) * 9
+        if torch.is_grad_enabled():
+            # The gradients were computed in the forward pass, as constants: a second-order gradient through them
+            # would silently be zero.
+            raise RuntimeError(
+                "fused_linear_cosine_loss: no double backward (backward with create_graph=True): its gradients "
+                "are computed in the forward pass. Use backend='reference', or foresight_cosine_loss on the "
+                "projections, for higher-order gradients"
+            )
         gx, gw, gb, tpos = ctx.saved_tensors
         n_heads = gw.shape[0]
         counts = ((tpos >= 0).sum(0).to(grad_per_head.dtype) * ctx.batch).clamp(min=1)
@@ -339,7 +359,7 @@ def _check_pairing(where, seqlen, n_heads, grid, offsets, prefix, boundary, head
     if len(parsed) != n_heads:
         raise ValueError(f"{where}: {len(parsed)} offsets for {n_heads} foresight heads (dim 2 of the input)")
     for o, dy, dx in parsed:
-        if o >= seqlen:
+        if seqlen and o >= seqlen:  # an empty sequence (N = 0) has no pair at any offset: loss 0
             raise ValueError(f"{where}: offset {o} ((dy, dx) = ({dy}, {dx})) must be < N = {seqlen}")
     if head_weights is not None:
         n_w = len(head_weights) if not isinstance(head_weights, torch.Tensor) else head_weights.numel()
@@ -395,7 +415,8 @@ def foresight_cosine_loss(proj: torch.Tensor, targets: torch.Tensor, offsets, *,
         ``(total, per_head)``: ``per_head`` ``(K,)`` fp32 (fp64 for fp64), ``per_head[k] = -mean`` over (batch,
         valid pairs of head k) of ``cos(proj, targets)`` (0 for a head with no pair); ``total = sum_k λ_k
         per_head[k]``. ``cos(s, t) = <s, t> / (max(|s|, 1e-4) max(|t|, 1e-4))``: a zero vector has cosine 0 and
-        finite gradient.
+        finite gradient. An empty input (``B = 0``, ``N = 0`` or ``Z = 0``) has no pair: ``total = per_head = 0`` and
+        every gradient is an exact zero, on every face.
     """
     where = "foresight_cosine_loss"
     if not isinstance(proj, torch.Tensor) or proj.dim() != 4:
@@ -410,8 +431,8 @@ def foresight_cosine_loss(proj: torch.Tensor, targets: torch.Tensor, offsets, *,
     _check_float(where, "targets", targets, proj.device, proj.dtype)
     grid, parsed = _check_pairing(where, seqlen, n_heads, grid, offsets, prefix, boundary, head_weights)
     face = _backend.select_face(OP, proj.device, backend)
-    if face == "triton" and proj.dtype == torch.float64:
-        raise TypeError(f"{where}: the triton face computes in fp32 and does not take float64 inputs")
+    _checks.check_face_dtype(where, face, proj.dtype)
+    face = _checks.face_for(face, proj, targets)  # empty: loss 0 (a mean over no pair), gradients exact zeros
     tpos = _pairing_table(seqlen, grid, parsed, prefix, boundary, align_prefix, proj.device)
     if face == "reference":
         cos = _reference.pairwise_cosine(proj, targets, tpos)
@@ -442,7 +463,9 @@ def fused_linear_cosine_loss(x: torch.Tensor, weight: torch.Tensor, bias: Option
             kept for backward (only the input gradient, computed in the forward pass).
     Return:
         ``(total, per_head)`` as :func:`foresight_cosine_loss`; differentiable w.r.t. ``x``, ``weight``, ``bias``
-        (computed in the forward pass when grad is enabled and one of them requires grad; no double backward).
+        (computed in the forward pass when grad is enabled and one of them requires grad; the fast faces raise on
+        double backward, the reference supports it). Empty inputs: as :func:`foresight_cosine_loss` (loss 0, zero
+        gradients).
     """
     where = "fused_linear_cosine_loss"
     if input_activation not in (None, "silu"):
@@ -467,8 +490,8 @@ def fused_linear_cosine_loss(x: torch.Tensor, weight: torch.Tensor, bias: Option
     _check_float(where, "targets", targets, x.device, x.dtype)
     grid, parsed = _check_pairing(where, seqlen, n_heads, grid, offsets, prefix, boundary, head_weights)
     face = _backend.select_face(FUSED_OP, x.device, backend)
-    if face == "triton" and x.dtype == torch.float64:
-        raise TypeError(f"{where}: the triton face computes in fp32 and does not take float64 inputs")
+    _checks.check_face_dtype(where, face, x.dtype)
+    face = _checks.face_for(face, x, weight, targets)  # empty: loss 0 (a mean over no pair), exact zero grads
     tpos = _pairing_table(seqlen, grid, parsed, prefix, boundary, align_prefix, x.device)
     if face == "reference":
         acc = _acc_dtype(x.dtype)

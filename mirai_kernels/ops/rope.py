@@ -28,6 +28,7 @@ import torch
 
 from .. import backend as _backend
 from ..reference import rope as _reference
+from . import _checks
 
 OP = "apply_rope_2d"
 _backend.register_op_faces(OP, ("reference", "triton", "cpp", "cuda"))
@@ -173,8 +174,8 @@ def apply_rope_2d(x: torch.Tensor, table: torch.Tensor, positions: Optional[torc
     """
     _check_inputs(x, table, positions)
     face = _backend.select_face(OP, x.device, backend)
+    _checks.check_face_dtype("apply_rope_2d", face, x.dtype, fp64_faces=("reference", "cpp", "cuda"))
+    face = _checks.face_for(face, x)  # empty: an empty output, no launch
     if face == "reference":
         return _reference.apply_rope_2d(x, table, positions)
-    if face == "triton" and x.dtype == torch.float64:
-        raise TypeError("apply_rope_2d: the triton face computes in fp32 and does not take float64 inputs")
     return getattr(torch.ops.mirai, f"{OP}_{face}")(x, table, positions, False)

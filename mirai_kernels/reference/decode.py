@@ -13,7 +13,9 @@ Semantics (every face follows them exactly):
 * with ``rope_table`` (rows from :func:`mirai_kernels.rope_2d_table`), q and k_new are rotated by table row ``p_i``
   (LlamaGen interleaved-pair convention, :func:`mirai_kernels.reference.rope.apply_rope_2d`, result rounded to the
   input dtype as LlamaGen does) before k_new is written and before attention; v is never rotated;
-* a query row with no key (only possible with bad ``cache_seqlens``) outputs zeros.
+* non-finite inputs follow :mod:`mirai_kernels.reference.attention`: masked-out cache rows (past ``L_b``, or after
+  the query's position) never reach a row, NaN in q or a visible key/value propagates as in SDPA, and a row with
+  nothing to attend (no key: only with bad ``cache_seqlens``; or all visible scores ``-inf``) outputs zeros.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 
 import torch
 
+from .attention import masked_attention
 from .rope import apply_rope_2d
 
 
@@ -63,11 +66,9 @@ def decode_attention(
     # The op has no autocast rule: it computes as specified above whatever autocast region it is called in.
     with torch.autocast(q.device.type, enabled=False):
         k = k_cache.to(compute_dtype).repeat_interleave(group, dim=2)
-        v = v_cache.to(compute_dtype).repeat_interleave(group, dim=2)
+        v = v_cache.to(compute_dtype).repeat_interleave(group, dim=2).transpose(1, 2)  # (B, H, S_max, D)
         scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute_dtype), k) * scale
         keys = torch.arange(k_cache.shape[1], device=q.device)
         visible = keys[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, S_q, S_max)
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows without keys: all -inf -> NaN -> 0
-        out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out.to(q.dtype)
+        out, _ = masked_attention(scores, visible, v)  # (B, H, S_q, D)
+    return out.transpose(1, 2).contiguous().to(q.dtype)

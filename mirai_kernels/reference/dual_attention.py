@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .attention import masked_attention
+
 OUTPUTS = ("both", "causal", "bidirectional")
 
 
@@ -43,12 +45,14 @@ def dual_attention(
     scores = softmax_scale * (qh @ kh.transpose(-1, -2))  # (B, H, S, S)
     seqlen = q.shape[1]
     out_c = out_b = lse_c = lse_b = None
+    # Non-finite inputs: mirai_kernels.reference.attention (a future key or value never reaches a causal row; a
+    # row whose visible scores are all -inf is zero with lse -inf).
     if outputs in ("both", "causal"):
-        future = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
-        masked = scores.masked_fill(future, float("-inf"))
-        lse_c = torch.logsumexp(masked, dim=-1)
-        out_c = (torch.exp(masked - lse_c[..., None]) @ vh).transpose(1, 2).contiguous().to(q.dtype)
+        past = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
+        out_c, lse_c = masked_attention(scores, past, vh)
+        out_c = out_c.transpose(1, 2).contiguous().to(q.dtype)
     if outputs in ("both", "bidirectional"):
-        lse_b = torch.logsumexp(scores, dim=-1)
-        out_b = (torch.exp(scores - lse_b[..., None]) @ vh).transpose(1, 2).contiguous().to(q.dtype)
+        every = torch.ones(1, 1, dtype=torch.bool, device=q.device)
+        out_b, lse_b = masked_attention(scores, every, vh)
+        out_b = out_b.transpose(1, 2).contiguous().to(q.dtype)
     return out_c, out_b, lse_c, lse_b

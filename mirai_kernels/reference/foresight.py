@@ -100,7 +100,7 @@ def pairing_table(n: int, grid, prefix: int, offsets, boundary: str = "raster", 
     if not (offsets and isinstance(offsets, tuple) and all(isinstance(t, tuple) and len(t) == 3 for t in offsets)):
         offsets = parse_offsets(offsets, grid)
     for o, dy, dx in offsets:
-        if o >= n:
+        if n and o >= n:  # N = 0 (an empty sequence) pairs nothing at any offset
             raise ValueError(f"offset {o} (dy, dx = {dy}, {dx}) must be < N = {n} (it would pair nothing)")
     table = _pairing_list(n, grid, prefix, offsets, boundary, bool(align_prefix))
     return torch.tensor(table, dtype=torch.int32, device=device).reshape(n, len(offsets))
@@ -138,6 +138,12 @@ def pairwise_cosine(proj: torch.Tensor, targets: torch.Tensor, tpos: torch.Tenso
     valid = tpos >= 0
     idx = tpos.clamp(min=0).long()  # (N, K)
     t_paired = t[:, idx]  # (B, N, K, Z)
+    # Unpaired (position, head) entries are zeroed before the maths, so whatever they hold (NaN, Inf) reaches
+    # neither the loss nor the gradient (0 * NaN would), as in the fast faces, which never read them.
+    zero = torch.zeros((), dtype=acc, device=s.device)
+    valid_rows = valid.to(s.device)[None, :, :, None]
+    s = torch.where(valid_rows, s, zero)
+    t_paired = torch.where(valid_rows, t_paired, zero)
     s_hat = s / s.norm(dim=-1, keepdim=True).clamp(min=EPS)
     t_hat = t_paired / t_paired.norm(dim=-1, keepdim=True).clamp(min=EPS)
     cos = (s_hat * t_hat).sum(-1)
