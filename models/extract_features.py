@@ -19,8 +19,19 @@ number of files and the code grid are taken from the code files, and ``--labels-
 ``*_labels`` folder, if present) is checked against the ImageFolder classes. Code files numbered past the image
 count (DistributedSampler pads with the first images) map to image ``i % n``.
 
-Encoder input: each crop (LlamaGen's [-1, 1] tensor) is resized to ``grid * patch`` px (224 for 16x16 codes and
-patch 14) with anti-aliased bicubic and ImageNet-normalised (:func:`models.dinov2.imagenet_preprocess`).
+Encoder preparation (``--prep``): ``mirai`` (default) as the official Mirai-I script prepares DINOv2 — the position
+table resampled once to the code grid with size-based, antialiased bicubic (timm's ``resample_abs_pos_embed``
+semantics, :meth:`models.dinov2.DinoV2.resample_pos_embed_`) and each crop (LlamaGen's [-1, 1] tensor) resized to
+``grid * patch`` px (224 for 16x16 codes and patch 14) with plain bicubic, no antialiasing, no clamp, then
+ImageNet-normalised (:func:`models.dinov2.imagenet_preprocess`); ``ours`` keeps our earlier preparation (DINOv2's
+scale-factor interpolation of the table at every forward, antialiased and clamped resize).
+
+Storage: features are computed in fp32 (``--dtype``: autocast on GPU only) and stored as float16, half the disk
+(ImageNet ten-crop, ViT-B: 1.28 M x 10 x 256 x 768 x 2 bytes = 5.0 TB instead of 10). The fp16 rounding (relative
+2^-11 per element) moves the cosine targets negligibly: on DINOv2-B-shaped LayerNorm-ed features (768 channels,
+8 of them 30x larger) 1 - cos(fp32, fp16) is 7e-8 on average (max 5e-7) per patch, and the cosine loss against a
+fixed prediction changes by 1.4e-7 of its value (``tests/test_recipe.py::test_fp16_feature_cache_barely_moves_
+cosine_targets``; on a randomly initialised ViT-B/14's features: max 1.8e-7).
 
 Resampling: with Pillow the ADM centre crop runs in Pillow (BOX halving, BICUBIC resize) as LlamaGen does; the
 tensor path (``.npy`` images without Pillow) uses the same crop geometry with torch's area / anti-aliased bicubic
@@ -41,7 +52,20 @@ import torch.nn.functional as F
 from .dinov2 import DinoV2, imagenet_preprocess
 
 __all__ = ["list_images", "load_image", "center_crop_arr", "five_crop", "ten_crop", "llamagen_crops",
-           "crop_features", "encode_crops", "extract", "main"]
+           "crop_features", "encode_crops", "extract", "prepare_encoder", "PREPS", "main"]
+
+# --prep: how DINOv2 is prepared for Mirai-I -> the resize of imagenet_preprocess (see the module docstring)
+PREPS = {"mirai": "bicubic", "ours": "antialias"}
+
+
+def prepare_encoder(encoder: DinoV2, grid: int, prep: str = "mirai") -> DinoV2:
+    """``prep="mirai"``: resample the position table once to ``grid x grid`` (the official Mirai-I preparation);
+    ``"ours"``: leave it (DINOv2 interpolates it at every forward). Returns the encoder."""
+    if prep not in PREPS:
+        raise ValueError(f"extract_features: --prep must be one of {sorted(PREPS)}, got {prep!r}")
+    if prep == "mirai":
+        encoder.resample_pos_embed_(grid)
+    return encoder
 
 # torchvision's ImageFolder extensions (lower-cased match), plus .npy for machines without Pillow.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -179,12 +203,14 @@ def llamagen_crops(image, image_size: int = 256, num_crops: int = 10, crop_range
 
 @torch.no_grad()
 def encode_crops(encoder: Callable[[torch.Tensor], torch.Tensor], crops: torch.Tensor, *, encoder_size: int = 224,
-                 batch_size: int = 10, device="cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 batch_size: int = 10, device="cpu", dtype: torch.dtype = torch.float32,
+                 resize: str = "bicubic") -> torch.Tensor:
     """``crops (C, 3, S, S)`` in [-1, 1] -> ``(C, N, Z)`` fp32 features on the CPU, ``batch_size`` crops per call;
-    resizing and ImageNet normalisation run on ``device``. ``dtype``: autocast dtype on CUDA (CPU: fp32)."""
+    resizing (``resize``: see :func:`models.dinov2.imagenet_preprocess`) and ImageNet normalisation run on
+    ``device``. ``dtype``: autocast dtype on CUDA (CPU: fp32)."""
     out = []
     for chunk in crops.split(batch_size):
-        x = imagenet_preprocess(chunk.to(device, non_blocking=True), encoder_size)
+        x = imagenet_preprocess(chunk.to(device, non_blocking=True), encoder_size, resize=resize)
         if dtype != torch.float32 and torch.device(device).type == "cuda":
             with torch.autocast("cuda", dtype=dtype):
                 out.append(encoder(x).float().cpu())
@@ -195,11 +221,12 @@ def encode_crops(encoder: Callable[[torch.Tensor], torch.Tensor], crops: torch.T
 
 def crop_features(encoder: Callable[[torch.Tensor], torch.Tensor], image, *, image_size: int = 256,
                   num_crops: int = 10, crop_range: float = 1.1, encoder_size: int = 224, batch_size: int = 10,
-                  device="cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  device="cpu", dtype: torch.dtype = torch.float32, resize: str = "bicubic") -> torch.Tensor:
     """``(A, N, Z)`` encoder features of the crops of one image (:func:`llamagen_crops` order). ``encoder`` maps
     ImageNet-normalised ``(B, 3, encoder_size, encoder_size)`` images to ``(B, N, Z)``."""
     crops = llamagen_crops(image, image_size, num_crops, crop_range)
-    return encode_crops(encoder, crops, encoder_size=encoder_size, batch_size=batch_size, device=device, dtype=dtype)
+    return encode_crops(encoder, crops, encoder_size=encoder_size, batch_size=batch_size, device=device, dtype=dtype,
+                        resize=resize)
 
 
 def _as_list(items):
@@ -242,7 +269,7 @@ def extract(encoder: Callable[[torch.Tensor], torch.Tensor], images: Sequence[st
             crop_range: float = 1.1, encoder_size: int = 224, expected_tokens: Optional[int] = None,
             labels: Optional[Sequence[int]] = None, labels_dir: Optional[str] = None, batch_size: int = 10,
             images_per_step: int = 1, num_workers: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
-            overwrite: bool = False, progress: bool = True) -> int:
+            overwrite: bool = False, progress: bool = True, resize: str = "bicubic") -> int:
     """Write ``out_dir/{i}.npy`` (float16 ``(A, N, Z)``) for ``i`` in ``[start, count)``, image ``i % len(images)``;
     existing files are kept unless ``overwrite``. ``images_per_step`` images are cropped (by ``num_workers``
     DataLoader workers) and encoded together, ``batch_size`` crops per encoder call. Returns the files written."""
@@ -274,7 +301,7 @@ def extract(encoder: Callable[[torch.Tensor], torch.Tensor], images: Sequence[st
     written = 0
     for items in loader:
         feats = encode_crops(encoder, torch.cat([crops for _, crops in items]), encoder_size=encoder_size,
-                             batch_size=batch_size, device=device, dtype=dtype)
+                             batch_size=batch_size, device=device, dtype=dtype, resize=resize)
         if expected_tokens is not None and feats.shape[1] != expected_tokens:
             raise ValueError(f"extract_features: the encoder gives {feats.shape[1]} patches per crop but the codes "
                              f"have {expected_tokens} per crop; set --encoder-size so the patch grid matches")
@@ -311,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding and cropping images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype on GPU")
+    p.add_argument("--prep", default="mirai", choices=sorted(PREPS), help="mirai: DINOv2 prepared as the official "
+                   "Mirai-I (position table resampled once, antialiased; plain bicubic resize, no clamp); ours: "
+                   "DINOv2's per-forward interpolation, antialiased + clamped resize")
     p.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
     return p
 
@@ -338,13 +368,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device)
     encoder = DinoV2.from_checkpoint(args.encoder, args.arch).to(device)
     encoder_size = args.encoder_size or grid * encoder.patch_size
+    if encoder_size % encoder.patch_size:
+        raise ValueError(f"extract_features: --encoder-size {encoder_size} is not a multiple of the patch size "
+                         f"{encoder.patch_size}")
+    prepare_encoder(encoder, encoder_size // encoder.patch_size, args.prep)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     n = extract(encoder, images, args.out, count=count, start=args.start, image_size=args.image_size,
                 num_crops=num_crops, crop_range=args.crop_range, encoder_size=encoder_size,
                 expected_tokens=expected_tokens if expected_tokens is not None else grid * grid,
                 labels=labels, labels_dir=labels_dir, batch_size=args.batch_size,
                 images_per_step=args.images_per_step, num_workers=args.num_workers, device=device, dtype=dtype,
-                overwrite=args.overwrite)
+                overwrite=args.overwrite, resize=PREPS[args.prep])
     print(f"wrote {n} feature files ({num_crops} crops, {encoder_size} px, dim {encoder.out_dim}) to {args.out}")
     return 0
 

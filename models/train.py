@@ -4,15 +4,26 @@
 
 A training step is a straight line: batch -> GPT forward (hidden state at block l kept) -> objective (foresight
 heads through the fused cosine loss) -> backward -> clip -> AdamW -> EMA refresh. Recipe (MIRAI_SPEC.md): AdamW
-betas (0.9, 0.95), weight decay 0.05 on >= 2-D tensors, constant lr, clip 1.0, bf16 autocast on GPU, EMA teacher.
+betas (0.9, 0.95), weight decay 0.05 on weight matrices only (:func:`param_groups`), constant lr, clip 1.0, bf16
+autocast for the student on GPU (teacher / encoder in fp32), EMA teacher.
 
-Schedules accept steps (an int) or a fraction of the run (a float < 1): ``--warmup 0.05`` = foresight switched on
-after 5% of the steps (the paper: 15 of 300 epochs), ``--halve-at 0.27`` (80 of 300). ``--ema-decay`` defaults to
-a half-life of 10% of the run (capped at the paper's 0.9999, which barely moves in a short run: 0.9999^2000 = 0.82).
+    python -m models.train --recipe paper --model B --objective mirai-e --code-path /codes --print-config
+
+``--recipe paper`` (``--model B|L|XL``, ``--objective none|mirai-e|mirai-i``) resolves to the official
+configuration of that run of the paper (:func:`paper_recipe`); flags given explicitly override it. ``--print-config``
+prints the resolved configuration as JSON and exits; the same JSON goes into ``config.json``, every checkpoint
+(``run_config``) and the first line of ``metrics.jsonl``.
+
+Schedules accept steps (``15``), a fraction of the run (``0.05``) or epochs (``15ep``, as the official scripts; an
+epoch is dataset size // global batch steps, drop_last): ``--warmup 0.05`` = foresight switched on after 5% of the
+steps, ``--halve-at 80ep`` = the official ``epoch >= 80`` (``0.27`` of a 300-epoch run would land on epoch 81),
+``never``; ``--epochs`` sets the run length. Only ``mirai-e`` halves. ``--ema-decay`` defaults to a half-life of
+10% of the run (capped at the paper's 0.9999, which barely moves in a short run: 0.9999^2000 = 0.82).
 
 Multi-process: ``torchrun --nproc_per_node N -m models.train ...`` trains with DistributedDataParallel (NCCL on
 GPUs, gloo on CPUs), or FSDP2 with ``--fsdp``; ``--batch-size`` is the global batch, each rank takes its share of every step's batch (a pure
 function of seed and step, which is what makes ``--resume`` exact), rank 0 logs and writes checkpoints.
+``--grad-accum N`` splits each rank's share into N micro-steps (the paper's global batch on fewer GPUs).
 
 Outputs in ``--out``: ``metrics.jsonl`` (one line per logged step), ``last.pt`` (full state for ``--resume``,
 written atomically) and ``model.pt`` (sampling checkpoint: config + EMA weights, no foresight heads; loads strictly
@@ -22,29 +33,77 @@ into the plain GPT).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
+from typing import Optional
 
 import torch
 
 from .checkpoint import CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint, require_keys, truncate_log
-from .cli import (UsageError, dropout_rate, float_in, fraction_or_steps, int_at_least, nonneg_float, nonneg_int,
-                  positive_float, positive_int, run_main)
+from .cli import (UsageError, dropout_rate, float_in, int_at_least, nonneg_float, nonneg_int, positive_float,
+                  positive_int, run_main)
 from .cli import device, train_seed
 from .data import build_dataset
 from .encoder import builtin_encoder, load_encoder
-from .foresight import EMA, OBJECTIVES, build_objective
+from .foresight import EMA, OBJECTIVES, build_objective, default_head_width
 from .gpt import GPT, GPTConfig, PRESETS, config_from_preset
 
 
-def steps_or_fraction(value: str, total_steps: int) -> int:
-    number = float(value)
+NEVER = ("never", "none", "off")
+
+
+def _schedule_number(text: str):
+    """``"15"`` steps (int), ``"0.05"`` a fraction of the run (float), ``"15ep"`` epochs (tuple), ``"never"``."""
+    text = str(text).strip().lower()
+    if text in NEVER:
+        return None
+    epochs = re.fullmatch(r"(.+?)\s*(ep|epoch|epochs)", text)
+    if epochs:
+        number = float(epochs.group(1))
+        if number < 0 or not math.isfinite(number):
+            raise ValueError(f"an epoch count must be >= 0, got {text!r}")
+        return ("epochs", number)
+    if "." in text or "e" in text:
+        number = float(text)
+        if not 0.0 <= number < 1.0:
+            raise ValueError(f"a fraction of the run must be in [0, 1), got {text!r}")
+        return number
+    number = int(text)
     if number < 0:
-        raise ValueError(f"schedule values must be >= 0, got {value}")
-    return int(round(number * total_steps)) if number < 1 and "." in value else int(number)
+        raise ValueError(f"a step count must be >= 0, got {text!r}")
+    return number
+
+
+def schedule_value(value: str) -> str:
+    """argparse type of the schedule switches (``--warmup``, ``--halve-at``): a step count (``15``), a fraction of
+    the run (``0.05``), an epoch count (``15ep``, as the official scripts take them) or ``never``; validated here,
+    resolved against the run by :func:`steps_or_fraction`."""
+    try:
+        _schedule_number(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected steps (15), a fraction of the run (0.05), epochs (15ep) or "
+                                         f"'never', got {value!r}: {exc}") from None
+    return str(value).strip()
+
+
+def steps_or_fraction(value: str, total_steps: int, steps_per_epoch: Optional[int] = None) -> Optional[int]:
+    """The step a schedule switch resolves to: ``"15"`` -> 15, ``"0.27"`` -> round(0.27 * total_steps),
+    ``"80ep"`` -> 80 * steps_per_epoch (the official ``epoch >= 80`` is ``step >= 80 * steps_per_epoch``),
+    ``"never"`` -> None."""
+    number = _schedule_number(value)
+    if number is None or isinstance(number, int):
+        return number
+    if isinstance(number, tuple):
+        if steps_per_epoch is None:
+            raise ValueError(f"schedule value {value!r} is in epochs: steps_per_epoch is needed")
+        return int(round(number[1] * steps_per_epoch))
+    return int(round(number * total_steps))
 
 
 def default_ema_decay(total_steps: int) -> float:
@@ -52,8 +111,38 @@ def default_ema_decay(total_steps: int) -> float:
     return min(0.9999, 0.5 ** (1.0 / max(1.0, 0.1 * total_steps)))
 
 
+RECIPES = ("default", "paper")
+BETAS = (0.9, 0.95)  # AdamW betas of LlamaGen and Mirai (not a flag)
+PAPER_LAYER = {"B": 8, "L": 16, "XL": 24}  # foresight block l of student and teacher (official scripts / logs)
+IMAGENET_TRAIN_IMAGES = 1_281_167  # -> 5004 steps per epoch at batch 256 (drop_last)
+
+
+def paper_recipe(model: str, objective: str) -> dict:
+    """The official Mirai configuration of one run of the paper's table, as train.py flag values (MIRAI_SPEC.md,
+    "The official recipe"; the official ``train_c2i_Mirai_{E,I}.py`` defaults and README commands): LlamaGen-B/L/XL
+    on ImageNet 256 codes, global batch 256, AdamW lr 1e-4 constant, betas (0.9, 0.95) (fixed in this CLI), wd 0.05
+    on weight matrices, clip 1.0, EMA 0.9999 every optimizer step, dropout 0.1 (token, residual, FFN) and class
+    dropout 0.1, 300 epochs, bf16 autocast for the student only (fp32 teacher / encoder), TF32 on. Foresight at
+    block 8 / 16 / 24 with 2048-wide projectors and λ = 2 per head; Mirai-E: K = 3 at {same, right, below}, warm-up
+    15 epochs (hard switch), λ halved from epoch 80; Mirai-I: K = 1, no warm-up, never halved."""
+    recipe = dict(data="llamagen-codes", image_size=256, batch_size=256, lr=1e-4, weight_decay=0.05, grad_clip=1.0,
+                  dropout=0.1, class_dropout=0.1, ema_decay=0.9999, epochs=300.0, tf32=True, boundary="raster")
+    if objective != "none":
+        recipe.update(foresight_layer=PAPER_LAYER[model], head_width=2048)
+    if objective == "mirai-e":
+        recipe.update(warmup="15ep", halve_at="80ep")
+    else:
+        recipe.update(warmup="0", halve_at="never")
+    return recipe
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="default", choices=RECIPES,
+                   help="paper: the official configuration of --model B|L|XL with --objective none|mirai-e|mirai-i "
+                   "(MIRAI_SPEC.md); any flag given explicitly overrides it. default: the toy CPU defaults below")
+    p.add_argument("--print-config", action="store_true", help="print the fully resolved configuration as JSON "
+                   "and exit (the same JSON is stored in every checkpoint and atop metrics.jsonl)")
     p.add_argument("--model", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--objective", default="none", choices=OBJECTIVES)
     p.add_argument("--data", default="shapes", help="shapes (built in), digits (needs scikit-learn) or "
@@ -65,7 +154,12 @@ def parse_args(argv=None):
     p.add_argument("--data-size", type=positive_int, default=4096, help="shapes: number of training images")
     p.add_argument("--grid", type=int_at_least(2), default=8, help="shapes: image side in tokens")
     p.add_argument("--steps", type=positive_int, default=300)
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--epochs", type=float, default=None, help="train this many epochs (steps = epochs x "
+                   "dataset size // global batch, drop_last, as the official scripts); overrides --steps")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="the global batch (split over torchrun ranks "
+                   "and --grad-accum micro-steps)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (fewer GPUs than "
+                   "the paper's: the same global batch in pieces)")
     p.add_argument("--lr", type=positive_float, default=1e-4)
     p.add_argument("--weight-decay", type=nonneg_float, default=0.05)
     p.add_argument("--grad-clip", type=float_in(0.0, lo_open=True, allow_inf=True), default=1.0,
@@ -77,11 +171,16 @@ def parse_args(argv=None):
                    help="default: half-life of 10%% of the run, <= 0.9999")
     p.add_argument("--foresight-layer", type=positive_int, default=None, help="block l (1-based, <= depth); "
                    "default (unset): round(2/3 depth)")
-    p.add_argument("--head-width", type=positive_int, default=None, help="foresight head width; default 4 x dim")
-    p.add_argument("--warmup", default="0.05", type=fraction_or_steps,
-                   help="foresight off for these steps (int) or fraction (float)")
-    p.add_argument("--halve-at", default="0.27", type=fraction_or_steps,
-                   help="halve the foresight weight from here (steps or fraction)")
+    p.add_argument("--head-width", type=positive_int, default=None, help="foresight projector width; default "
+                   "2048 for dim >= 512 (GPT-B and up, the paper's), 4 x dim below (small CPU presets)")
+    p.add_argument("--warmup", default="0.05", type=schedule_value, help="foresight off until here: steps (15), "
+                   "fraction of the run (0.05) or epochs (15ep)")
+    p.add_argument("--halve-at", default="0.27", type=schedule_value, help="mirai-e only: halve the foresight "
+                   "weight from here (steps, fraction, epochs as 80ep, or never); mirai-i / mirai-s never halve")
+    p.add_argument("--bf16-teacher", action="store_true", help="speed option, not the paper: run the EMA teacher "
+                   "/ Mirai-I encoder under the student's bf16 autocast (default: fp32, autocast off)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                   help="TF32 matmuls and convolutions on CUDA (the official scripts turn it on)")
     p.add_argument("--mirai-s-source", default="teacher", choices=("teacher", "self"))
     p.add_argument("--boundary", default="raster", choices=("raster", "grid"))
     p.add_argument("--encoder", default=None, help="mirai-i: a local encoder file (default: the built-in one, "
@@ -97,15 +196,89 @@ def parse_args(argv=None):
                    "state with FSDP2 instead of replicating them with DDP (for L / XL)")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    explicit = explicit_flags(p, argv)
+    try:
+        apply_recipe(args, explicit)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.grad_accum < 1:
+        p.error(f"argument --grad-accum: must be an integer >= 1, got {args.grad_accum}")
+    if args.epochs is not None and not args.epochs > 0:
+        p.error(f"argument --epochs: must be > 0, got {args.epochs}")
+    return args
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv=None) -> set:
+    """The destinations the command line set explicitly (a second parse with every default suppressed), so a
+    recipe fills in only the rest."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
+
+
+def apply_recipe(args, explicit: set) -> None:
+    """Fill ``args`` from ``--recipe`` wherever a flag was not given explicitly; records ``args.explicit``."""
+    args.explicit = sorted(explicit - {"recipe", "print_config"})
+    if args.recipe == "default":
+        return
+    if args.model not in PAPER_LAYER:
+        raise ValueError(f"--recipe paper trains the paper's models: --model B, L or XL (got {args.model!r})")
+    if args.objective not in ("none", "mirai-e", "mirai-i"):
+        raise ValueError(f"--recipe paper has no {args.objective!r} run: --objective none, mirai-e or mirai-i")
+    preset = paper_recipe(args.model, args.objective)
+    if "steps" in explicit and "epochs" not in explicit:
+        preset.pop("epochs")  # an explicit step budget replaces the preset's 300 epochs
+    for name, value in preset.items():
+        if name not in explicit:
+            setattr(args, name, value)
+
+
+
+
+def decays(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``module``'s own parameter ``name`` is a weight matrix (decayed) rather than a bias or a norm scale
+    (not decayed), decided by what it is, not by its rank: the official scripts decay ``p.dim() >= 2`` over
+    per-head ``nn.Linear`` projectors, i.e. exactly the Linear / Embedding weights, while our fused
+    ``ForesightHeads`` stack the per-head biases into 2-D tensors (``biases_mid``, ``bias_out``)."""
+    from mirai_kernels.modules import ForesightHeads
+
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd)):
+        return name == "weight"
+    if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase)) or \
+            type(module).__name__.endswith("Norm"):
+        return False  # norm scales and shifts
+    if isinstance(module, ForesightHeads):
+        return name.startswith("weight")  # weight_in, weight_out; bias_in, bias_out
+    if isinstance(module, torch.nn.ParameterList):
+        raise AssertionError("handled by the owner")  # never reached: see param_groups
+    raise ValueError(f"param_groups: no weight-decay rule for parameter {name!r} of {type(module).__name__}; "
+                     f"say whether it is a weight matrix in models.train.decays")
 
 
 def param_groups(modules, weight_decay: float):
-    decay, no_decay = [], []
-    for module in modules:
-        for param in module.parameters():
-            if param.requires_grad:
-                (decay if param.dim() >= 2 else no_decay).append(param)
+    """AdamW groups: weight matrices with ``weight_decay``, everything else (biases, norm scales) without."""
+    from mirai_kernels.modules import ForesightHeads
+
+    decay, no_decay, seen = [], [], set()
+    for root in modules:
+        for _, module in root.named_modules():
+            if isinstance(module, torch.nn.ParameterList):
+                continue  # its parameters belong to the module that owns the list (named below)
+            own = list(module.named_parameters(recurse=False))
+            if isinstance(module, ForesightHeads):  # weights_mid.<i>, biases_mid.<i> live in ParameterLists
+                own += [(f"{list_name}.{i}", p) for list_name, plist in module.named_children()
+                        if isinstance(plist, torch.nn.ParameterList) for i, p in enumerate(plist)]
+            for name, param in own:
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                (decay if decays(module, name) else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -193,6 +366,88 @@ def init_distributed(device_name: str):
     return dist.get_rank(), world, device
 
 
+def resolve_run(args, *, dataset_size: int, grid, vocab_size: int, num_classes: int, world: int,
+                dataset_size_assumed: bool = False, objective=None) -> dict:
+    """The fully resolved configuration of a run as plain JSON types (``--print-config``, ``config.json``, every
+    checkpoint, the first line of ``metrics.jsonl``). Sets ``args.steps`` from ``--epochs``. ``objective``: the
+    built objective, whose actual values (e.g. the encoder's feature width) then replace the predicted ones."""
+    if args.batch_size % (world * args.grad_accum):
+        raise ValueError(f"--batch-size {args.batch_size} (global) must split evenly over {world} process(es) x "
+                         f"--grad-accum {args.grad_accum} micro-steps")
+    steps_per_epoch = max(1, dataset_size // args.batch_size)  # drop_last, as the official DataLoader
+    if args.epochs is not None:
+        args.steps = int(round(args.epochs * steps_per_epoch))
+    total = args.steps
+    gpt = config_from_preset(args.model, grid=grid, vocab_size=vocab_size, num_classes=num_classes,
+                             token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout,
+                             class_dropout_prob=args.class_dropout)
+
+    def epochs_of(step):
+        return None if step is None else step / steps_per_epoch
+
+    foresight = None
+    if args.objective != "none":
+        warmup = steps_or_fraction(args.warmup, total, steps_per_epoch)
+        if warmup is None:
+            raise ValueError("--warmup never would keep foresight off for the whole run; use --objective none")
+        if args.objective == "mirai-i":
+            warmup = 0  # Mirai-I has no warm-up (the objective takes none)
+        halve = steps_or_fraction(args.halve_at, total, steps_per_epoch) if args.objective == "mirai-e" else None
+        offsets = [[0, 0], [0, 1], [1, 0]] if args.objective == "mirai-e" else [[0, 0]]
+        z_dim = gpt.dim if args.objective in ("mirai-e", "mirai-s") else (768 if args.recipe == "paper" else None)
+        if objective is not None:
+            z_dim = objective.heads.z_dim
+        foresight = {
+            "layer": args.foresight_layer or max(1, round(2 * gpt.n_layer / 3)),
+            "head_width": args.head_width or default_head_width(gpt.dim), "head_depth": 3,
+            "K": len(offsets), "offsets": offsets, "raster_offsets": [dy * gpt.grid[1] + dx for dy, dx in offsets],
+            "lambda": [2.0] * len(offsets), "z_dim": z_dim, "boundary": args.boundary if args.objective == "mirai-e"
+            else "raster", "align_prefix": args.objective != "mirai-i",
+            "warmup_steps": warmup, "warmup_epochs": epochs_of(warmup),
+            "halve_at_step": halve if halve is not None and halve < total else None,
+            "halve_at_epoch": epochs_of(halve) if halve is not None and halve < total else None,
+            "halve_requested": args.halve_at if args.objective == "mirai-e" else "never (mirai-e only)",
+            "target": {"mirai-e": "EMA teacher, eval mode, true labels, raw layer-l state",
+                       "mirai-i": (f"features from {args.features_dir}" if args.features_dir else
+                                   f"encoder {args.encoder}" if args.encoder else "built-in token encoder"),
+                       "mirai-s": f"bidirectional block-l output ({args.mirai_s_source})"}[args.objective],
+        }
+    return {
+        "recipe": args.recipe, "model": args.model, "objective": args.objective, "explicit_flags": args.explicit,
+        "gpt": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(gpt).items()},
+        "data": {"name": args.data, "code_path": args.code_path, "image_size": args.image_size,
+                 "size": dataset_size, "size_assumed": dataset_size_assumed, "steps_per_epoch": steps_per_epoch},
+        "batch": {"global": args.batch_size, "world_size": world, "grad_accum": args.grad_accum,
+                  "per_rank_micro_batch": args.batch_size // (world * args.grad_accum)},
+        "optimizer": {"name": "AdamW", "lr": args.lr, "lr_schedule": "constant", "betas": list(BETAS),
+                      "weight_decay": args.weight_decay, "decayed": "weight matrices only (no biases, no norms)",
+                      "grad_clip": args.grad_clip},
+        "ema": {"decay": args.ema_decay if args.ema_decay is not None else default_ema_decay(total),
+                "every": "optimizer step"},
+        "steps": total, "epochs": total / steps_per_epoch,
+        "foresight": foresight,
+        "precision": {"student": "bf16 autocast on CUDA (fp32 on CPU)",
+                      "targets": "student autocast (--bf16-teacher)" if args.bf16_teacher else "fp32, autocast off",
+                      "tf32": bool(args.tf32)},
+        "seed": args.seed,
+    }
+
+
+def switch_summary(cfg: dict) -> str:
+    """One line with the resolved step of every schedule switch (printed at the start of a run)."""
+    spe = cfg["data"]["steps_per_epoch"]
+    text = (f"schedule: {cfg['steps']} steps = {cfg['epochs']:g} epochs of {spe} steps (global batch "
+            f"{cfg['batch']['global']} = {cfg['batch']['world_size']} rank(s) x {cfg['batch']['grad_accum']} "
+            f"micro-step(s) x {cfg['batch']['per_rank_micro_batch']}); EMA decay {cfg['ema']['decay']:g}")
+    fs = cfg["foresight"]
+    if fs is not None:
+        halve = ("never" if fs["halve_at_step"] is None else
+                 f"from step {fs['halve_at_step']} (epoch {fs['halve_at_epoch']:g})")
+        text += (f"; foresight at block {fs['layer']}, {fs['K']} head(s) {fs['head_width']} wide, on from step "
+                 f"{fs['warmup_steps']} (epoch {fs['warmup_epochs']:g}), λ halved {halve}")
+    return text
+
+
 # The flags that fix a run's data order and architecture: a resume must keep them.
 RUN_DEFINING = ("seed", "data", "data_size", "grid", "image_size", "code_path", "features_dir", "batch_size", "model",
                 "objective")
@@ -239,6 +494,9 @@ def train(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     dataset = build_dataset(args.data, size=args.data_size, grid=args.grid, seed=args.seed, code_path=args.code_path,
                             image_size=args.image_size, features_dir=args.features_dir)
+    grid = (dataset.height, dataset.width)
+    run_config = resolve_run(args, dataset_size=len(dataset), grid=grid, vocab_size=dataset.vocab_size,
+                             num_classes=dataset.num_classes, world=world)  # sets args.steps from --epochs
     if args.batch_size > len(dataset):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} images): every "
                          f"step would silently train on a smaller batch than asked")
@@ -251,19 +509,18 @@ def train(args) -> dict:
     if rank == 0:  # temp files of a writer that was killed mid-save
         for name in ("last.pt", "model.pt"):
             clean_stale_tmp(os.path.join(args.out, name))
-    config = config_from_preset(
-        args.model, grid=(dataset.height, dataset.width), vocab_size=dataset.vocab_size,
-        num_classes=dataset.num_classes, token_dropout_p=args.dropout, resid_dropout_p=args.dropout,
-        ffn_dropout_p=args.dropout, class_dropout_prob=args.class_dropout,
-    )
+    if args.tf32 and device.type == "cuda":  # the official scripts run with TF32 matmuls / convolutions
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    config = GPTConfig(**{k: tuple(v) if k == "grid" else v for k, v in run_config["gpt"].items()})
     if args.objective != "none" and args.foresight_layer is not None and args.foresight_layer > config.n_layer:
         raise UsageError(f"--foresight-layer {args.foresight_layer}: the {args.model} model has {config.n_layer} "
                          f"blocks (valid: 1..{config.n_layer})")
     model = GPT(config).to(device)
-    ema_decay = args.ema_decay if args.ema_decay is not None else default_ema_decay(args.steps)
+    ema_decay = run_config["ema"]["decay"]
     ema = EMA(model, ema_decay)
-    warmup = steps_or_fraction(args.warmup, args.steps)
-    halve_at = steps_or_fraction(args.halve_at, args.steps)
+    foresight_cfg = run_config["foresight"] or {}
+    warmup, halve_at = foresight_cfg.get("warmup_steps", 0), foresight_cfg.get("halve_at_step")
     encoder, feature_dim = None, None
     if args.objective == "mirai-i":
         if args.features_dir:
@@ -274,17 +531,19 @@ def train(args) -> dict:
             cache = os.path.join("runs", "encoders", f"{args.data}-{args.grid}-{args.data_size}-seed{args.seed}.pt")
             encoder = builtin_encoder(dataset, cache, seed=args.seed)
     objective = build_objective(
-        args.objective, model, ema=ema, layer=args.foresight_layer, head_width=args.head_width,
+        args.objective, model, ema=ema, layer=foresight_cfg.get("layer"), head_width=foresight_cfg.get("head_width"),
         warmup_steps=warmup, halve_at=halve_at, mirai_s_source=args.mirai_s_source, boundary=args.boundary,
-        encoder=encoder, feature_dim=feature_dim,
+        encoder=encoder, feature_dim=feature_dim, teacher_autocast=args.bf16_teacher,
     ).to(device)
+    run_config = resolve_run(args, dataset_size=len(dataset), grid=grid, vocab_size=dataset.vocab_size,
+                             num_classes=dataset.num_classes, world=world, objective=objective)
     if args.fsdp:
         if world == 1:
             raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N > 1)")
         if args.resume:
             raise ValueError("--resume is not supported with --fsdp yet (checkpoints are written as full state dicts)")
         shard_for_fsdp(model, ema.model, objective)
-    optimizer = torch.optim.AdamW(param_groups([model, objective], args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups([model, objective], args.weight_decay), lr=args.lr, betas=BETAS)
     step_module = TrainStep(model, objective, args.compile)
     if world > 1 and not args.fsdp:
         from torch.nn.parallel import DistributedDataParallel
@@ -308,7 +567,9 @@ def train(args) -> dict:
     is_main = rank == 0
     if is_main:
         with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "gpt": config.__dict__, "schedule": schedule}, f, indent=1)
+            json.dump({"resolved": run_config, "args": vars(args), "gpt": config.__dict__, "schedule": schedule}, f,
+                      indent=1)
+        print(switch_summary(run_config), flush=True)
 
     def save_full(step):
         if args.fsdp:  # every rank takes part in gathering the shards; rank 0 writes
@@ -319,11 +580,15 @@ def train(args) -> dict:
                      "optimizer": optimizer.state_dict()}
         if is_main:
             atomic_save({"config": config.__dict__, **state, "rng": torch.get_rng_state(), "step": step,
-                         "args": vars(args)}, last_path)
+                         "args": vars(args), "run_config": run_config}, last_path)
 
     if is_main and args.resume:  # rows a killed run logged after its last checkpoint are logged again below
         truncate_log(os.path.join(args.out, "metrics.jsonl"), start_step)
     log = open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") if is_main else None
+    if log is not None:  # the resolved configuration heads the log (again at each resume: it may differ)
+        log.write(json.dumps({"config": run_config, **({"resumed_at_step": start_step} if args.resume else {})})
+                  + "\n")
+        log.flush()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     progress = range(start_step, args.steps)
@@ -339,14 +604,27 @@ def train(args) -> dict:
         if hasattr(dataset, "set_epoch"):  # seeded crops: a pure function of (seed, epoch, index)
             dataset.set_epoch(step // max(1, len(dataset) // args.batch_size))
         indices = batch_indices(step, args.batch_size, len(dataset), args.seed)[rank::world]
-        tokens, labels, features = collate(dataset, indices)
-        tokens, labels = tokens.to(device), labels.to(device)
-        features = features.to(device) if features is not None else None
         t0 = time.perf_counter()
-        with autocast:
-            loss, metrics = step_module(tokens[:, :-1], labels, tokens, step, features)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients over ranks: the gradient of the global-batch mean loss
+        # --grad-accum: the rank's share in equal micro-batches, each loss / A, gradients summed (the gradient of
+        # the mean over the share, as one micro-step would give); DDP syncs only on the last micro-step.
+        loss, micro_metrics = 0.0, []
+        for micro, micro_indices in enumerate(indices.chunk(args.grad_accum)):
+            tokens, labels, features = collate(dataset, micro_indices)
+            tokens, labels = tokens.to(device), labels.to(device)
+            features = features.to(device) if features is not None else None
+            last_micro = micro == args.grad_accum - 1
+            sync = contextlib.nullcontext() if last_micro or not hasattr(step_module, "no_sync") else \
+                step_module.no_sync()
+            with sync:
+                with autocast:
+                    micro_loss, micro_m = step_module(tokens[:, :-1], labels, tokens, step, features)
+                # DDP averages the gradients over ranks: the gradient of the global-batch mean loss
+                (micro_loss / args.grad_accum).backward()
+            loss = loss + micro_loss.detach() / args.grad_accum
+            micro_metrics.append(micro_m)
+        metrics = {k: (sum(m[k] for m in micro_metrics) / len(micro_metrics) if isinstance(v, float) else v)
+                   for k, v in micro_metrics[0].items()}
         grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(objective.parameters()),
                                                    args.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
@@ -363,7 +641,7 @@ def train(args) -> dict:
             dist.all_reduce(global_loss)
             global_loss /= world
         metrics.update(step=step + 1, loss=global_loss.item(), grad_norm=float(grad_norm), step_s=step_times[-1],
-                       tokens_per_s=tokens.numel() * world / step_times[-1])
+                       tokens_per_s=tokens.numel() * args.grad_accum * world / step_times[-1])
         if is_main and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
             log.write(json.dumps(metrics) + "\n")
             log.flush()
@@ -376,14 +654,36 @@ def train(args) -> dict:
     save_full(args.steps)
     ema_state = full_state_dict(ema.model) if args.fsdp else ema.model.state_dict()
     if is_main:
-        atomic_save({"config": config.__dict__, "model": ema_state}, os.path.join(args.out, "model.pt"))
+        atomic_save({"config": config.__dict__, "model": ema_state, "run_config": run_config},
+                    os.path.join(args.out, "model.pt"))
     steady = step_times[len(step_times) // 5:] or step_times
     return {"final": metrics, "step_s_median": sorted(steady)[len(steady) // 2] if steady else math.nan,
             "schedule": schedule, "out": args.out, "rank": rank, "world_size": world}
 
 
+def print_config(args) -> dict:
+    """``--print-config``: the resolved configuration without training (nothing is built but the dataset index;
+    ``llamagen-codes`` without ``--code-path`` assumes ImageNet's 1,281,167 training images at 16x downsampling,
+    marked ``size_assumed``). The world size is torchrun's ``WORLD_SIZE`` (1 without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.data == "llamagen-codes" and not args.code_path:
+        side = args.image_size // 16
+        info = dict(dataset_size=IMAGENET_TRAIN_IMAGES, grid=(side, side), vocab_size=16384, num_classes=1000,
+                    dataset_size_assumed=True)
+    else:
+        dataset = build_dataset(args.data, size=args.data_size, grid=args.grid, seed=args.seed,
+                                code_path=args.code_path, image_size=args.image_size, features_dir=args.features_dir)
+        info = dict(dataset_size=len(dataset), grid=(dataset.height, dataset.width), vocab_size=dataset.vocab_size,
+                    num_classes=dataset.num_classes)
+    return resolve_run(args, world=world, **info)
+
+
 def main(argv=None):
-    summary = train(parse_args(argv))
+    args = parse_args(argv)
+    if args.print_config:
+        print(json.dumps(print_config(args), indent=1))
+        return
+    summary = train(args)
     if summary["rank"] != 0:
         return
     print(json.dumps({k: v for k, v in summary.items() if k != "final"}))

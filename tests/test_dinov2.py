@@ -257,7 +257,10 @@ def test_extract_cli_end_to_end(tmp_path):
     assert feats.shape == (10, 4, 32) and feats.dtype == np.float16
     encoder = DinoV2.from_checkpoint(str(tmp_path / "enc.pth"), "vitb14", **TINY)
     image = ef.load_image(str(images_dir / "b" / "x.npy"))
+    ours = ef.crop_features(encoder, image, image_size=32, num_crops=10, encoder_size=28, resize="antialias")
+    ef.prepare_encoder(encoder, 2, "mirai")  # the CLI's default --prep mirai: the table resampled once to 2x2
     want = ef.crop_features(encoder, image, image_size=32, num_crops=10, encoder_size=28)
+    assert (want - ours).abs().max() > 1e-2  # the preparations differ measurably
     np.testing.assert_allclose(feats.astype(np.float32), want.numpy(), atol=2e-3, rtol=2e-3)
     ds = LlamaGenCodes(codes_dir, labels_dir, crop=7, features_dir=str(out), vocab_size=16)
     _, label, f = ds[2]

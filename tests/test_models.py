@@ -313,13 +313,15 @@ def test_resume_continues_exactly(tmp_path):
                                          "--head-width", "64", "--resume"))
     assert resumed["final"]["loss"] == full["final"]["loss"]
     lines = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    assert "config" in lines[0]  # the resolved configuration heads the log (and each resume)
+    lines = [l for l in lines if "step" in l]
     assert [l["step"] for l in lines] == [1, 2, 3, 4]
 
 
 def test_sampling_checkpoint_has_no_heads_and_loads_strictly(tmp_path):
     train_mod.train(train_args(tmp_path, "--steps", "1", "--objective", "mirai-s", "--head-width", "32"))
     ckpt = load_checkpoint(tmp_path / "model.pt")
-    assert set(ckpt) == {"config", "model"}
+    assert set(ckpt) == {"config", "model", "run_config"}
     assert not any("heads" in k or "projector" in k for k in ckpt["model"])
     GPT(build_gpt("tiny", grid=4, vocab_size=8, num_classes=10).config).load_state_dict(ckpt["model"], strict=True)
 
@@ -368,8 +370,8 @@ def test_two_processes_match_one_process(tmp_path, sharding):
                             cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     single = train_mod.train(train_mod.parse_args(["--out", str(tmp_path / "one"), *common]))
-    ddp_lines = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl")]
-    one_lines = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")]
+    ddp_lines = [json.loads(l) for l in open(tmp_path / "ddp" / "metrics.jsonl")][1:]  # [0]: the config
+    one_lines = [json.loads(l) for l in open(tmp_path / "one" / "metrics.jsonl")][1:]
     assert len(ddp_lines) == len(one_lines) == 3
     for a, b in zip(ddp_lines, one_lines):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
