@@ -1,6 +1,6 @@
 """Train the small pre-trained checkpoint that ships with the repo (the main job samples from it at once).
 
-    python -m models.pretrain_demo                  # train (resumable), then write checkpoints/shapes8-micro/
+    python -m models.pretrain_demo                  # train (resumable), then write models/pretrained/shapes8-micro/
     python -m models.pretrain_demo --dry-run        # print the exact training command and exit
 
 One documented command, so the shipped file can be retrained at any time (e.g. when the training recipe changes):
@@ -9,7 +9,7 @@ One documented command, so the shipped file can be retrained at any time (e.g. w
 same command is run again (``--resume`` is passed when ``last.pt`` exists; the resume rules of models.train apply).
 
 Written to ``--dest`` (committed): ``model.pt`` (the EMA weights + config, ~4 MB, loads with
-``python -m models.sample --ckpt checkpoints/shapes8-micro/model.pt``), ``metrics.jsonl`` and ``config.json`` (the
+``python -m models.sample --ckpt models/pretrained/shapes8-micro/model.pt``), ``metrics.jsonl`` and ``config.json`` (the
 training log and resolved configuration) and ``summary.json`` (the command, wall time, environment and the
 structure score of ``--n-check`` samples at CFG 2: the fraction that obey their class's rule; the data scores 1.0).
 """
@@ -49,7 +49,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=positive_int, default=4000)
     p.add_argument("--work", default=os.path.join("runs", "pretrain-demo"), help="training directory (not committed)")
-    p.add_argument("--dest", default=os.path.join("checkpoints", "shapes8-micro"), help="where the shipped files go")
+    p.add_argument("--dest", default=os.path.join("models", "pretrained", "shapes8-micro"), help="where the shipped files go")
     p.add_argument("--n-check", type=positive_int, default=200, help="samples scored for summary.json")
     p.add_argument("--dry-run", action="store_true", help="print the training command and exit")
     args = p.parse_args(argv)
