@@ -535,11 +535,11 @@ def cache_free_sample(model, labels, n_tokens, cfg_scale, cfg_interval, generato
 @pytest.mark.parametrize("cfg_interval", [-1, 0, 4, 4.5, 100])
 def test_generate_accepts_llamagen_call_and_cfg_interval(cfg_interval):
     model = small_gpt().eval()
-    labels = torch.tensor([1, 5, 9])
+    labels = torch.arange(16) % 10  # enough rows that guidance on or off at any single step shows in the tokens
     sampling = dict(temperature=1.0, top_k=20, top_p=0.95)
     ours = generate(model, labels, 16, cfg_scale=4.0, cfg_interval=cfg_interval,
                     generator=torch.Generator().manual_seed(2), **sampling)  # LlamaGen's positional call
-    assert ours.dtype == torch.int32 and ours.shape == (3, 16)  # LlamaGen returns torch.int
+    assert ours.dtype == torch.int32 and ours.shape == (16, 16)  # LlamaGen returns torch.int
     want = cache_free_sample(model, labels, 16, 4.0, cfg_interval, torch.Generator().manual_seed(2), **sampling)
     assert torch.equal(ours.long(), want)
     if cfg_interval in (0, 4):  # the switch matters: always-guided sampling differs
