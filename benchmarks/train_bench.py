@@ -20,7 +20,7 @@ import torch
 from common import Case, add_common_args, run_cases, setup_from_args, write_json  # noqa: E402  (sets sys.path)
 
 from models.encoder import TokenEncoder  # noqa: E402
-from models.foresight import EMA, build_objective  # noqa: E402
+from models.foresight import EMA, build_objective, default_head_width  # noqa: E402
 from models.gpt import GPT, config_from_preset  # noqa: E402
 from models.train import TrainStep, param_groups  # noqa: E402
 
@@ -70,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--grid", type=int, default=None, help="token grid side (default: 16 GPU, 8 CPU)")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 GPU, 16 CPU")
     parser.add_argument("--vocab", type=int, default=None, help="default: 16384 GPU, 8 CPU (palette)")
-    parser.add_argument("--head-width", type=int, default=None, help="foresight head width (default 4 x dim)")
+    parser.add_argument("--head-width", type=int, default=None, help="foresight head width (default: 2048 for dim >= 512, else 4 x dim)")
     parser.add_argument("--layer", type=int, default=None, help="foresight block l (default 2/3 of the depth)")
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     args = parser.parse_args(argv)
@@ -80,7 +80,7 @@ def main(argv=None):
                                 vocab_size=args.vocab or (16384 if on_gpu else 8), num_classes=1000 if on_gpu else 10)
     batch = args.batch or (32 if on_gpu else 16)
     layer = args.layer or max(1, round(2 * config.n_layer / 3))
-    head_width = args.head_width or 4 * config.dim
+    head_width = args.head_width or default_head_width(config.dim)
     z_dim = config.dim  # Mirai-E / -S targets are the GPT's own states; the built-in Mirai-I encoder is resized
     base_flops = step_flops(config, batch, "none", layer, head_width, z_dim)
     cases = [Case(name=f"train step {name}", params=dict(objective=name, model=args.model, grid=config.grid,
