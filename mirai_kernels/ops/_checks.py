@@ -16,6 +16,7 @@ Each door (``ops/<op>.py``) calls these instead of restating them:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -23,10 +24,11 @@ from .. import backend as _backend
 
 
 def check_softmax_scale(where: str, softmax_scale) -> float | None:
-    """``softmax_scale`` must be None or a finite real number (bools are refused: ``True`` is not a scale)."""
+    """``softmax_scale`` must be None or a finite real number (Python or NumPy; bools are refused: ``True`` is not
+    a scale, and a tensor would need a device read)."""
     if softmax_scale is None:
         return None
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not math.isfinite(
             softmax_scale):
         raise ValueError(f"{where}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
     return float(softmax_scale)
