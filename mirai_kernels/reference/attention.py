@@ -12,7 +12,11 @@ The rule (README, "Guarantees"):
   FlashAttention) and has log-sum-exp ``-inf``.
 
 A plain ``probs @ v`` breaks the first point (``0 * NaN = NaN``), so the products of visible probabilities with
-non-finite values are accounted for separately (:func:`visible_matmul`).
+non-finite values are accounted for separately (:func:`visible_matmul`). That costs four more matmuls, paid only
+when a value is non-finite, which only a CPU tensor can tell for free: on other devices (the reference as the GPU
+fallback, where a host sync would also break CUDA-graph capture) the plain product is used, so there a non-finite
+value in a row's masked-out future reaches it as in SDPA. Rows masked out for *every* query (a decode cache past
+its length) are cut before the product on every device.
 """
 
 from __future__ import annotations
@@ -23,8 +27,14 @@ import torch
 def visible_matmul(probs: torch.Tensor, visible: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``sum_j probs[..., i, j] * v[..., j, :]`` over the visible ``j`` only (``visible`` broadcasts against
     ``probs``; ``probs`` must be 0 where not visible). Exact IEEE semantics of that sum for non-finite values."""
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    # Keys no query sees (a cache past its length) are cut here, on every device, for one elementwise pass.
+    seen = visible.any(dim=-2, keepdim=True).transpose(-1, -2)  # (..., S_k, 1)
+    v = torch.where(seen, v, zero)
+    if v.device.type != "cpu":
+        return probs @ v  # see the module docstring: no host sync, no extra matmuls off the CPU
     finite = torch.isfinite(v)
-    out = probs @ torch.where(finite, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    out = probs @ torch.where(finite, v, zero)
     # Fast path in eager mode: all values finite (the usual case) needs nothing more. Traced code always takes the
     # general path (no data-dependent branch).
     if not torch.compiler.is_compiling() and bool(finite.all()):
