@@ -14,25 +14,29 @@
 #   build  both extensions, CUDA compile-only (MIRAI_CUDA=1, sm_90), against torch 2.11; both must import
 #   aot    every shipped Triton kernel configuration compiled for sm_90 with Triton 3.6
 #          (python -m mirai_kernels.triton.aot_check)
+#   selftest  python -m mirai_kernels.selftest --device cpu: the C++ faces and Triton 3.6's interpreter
 #   tests  the CPU test suite (Triton 3.6's interpreter, the C++ faces), every test reported
 #          (venv and copy always run; --stages picks among the others)
 # Each stage is timed and logged to $MIRAI_PREFLIGHT_DIR/<stage>.log (default /tmp/mirai-preflight); a failing
 # stage does not stop the later ones that do not depend on it.
 set -uo pipefail
 # Stages to run (default all): --stages venv,copy,build,tests skips the AOT check, for instance.
-STAGES=",venv,copy,build,aot,tests,"
+STAGES=",venv,copy,build,aot,selftest,tests,"
 case "${1:-}" in
-  --help|-h) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  --help|-h) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   --stages) STAGES=",venv,copy,${2:?--stages takes a comma-separated list},"; shift 2 ;;
   "") ;;
-  *) echo "usage: $0 [--stages venv,copy,build,aot,tests]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--stages build,aot,selftest,tests]" >&2; exit 2 ;;
 esac
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${MIRAI_GPU_VENV:-/work/venv-gpu-stack}
 WORK=${MIRAI_PREFLIGHT_DIR:-/tmp/mirai-preflight}
 TORCH_PIN=${MIRAI_PREFLIGHT_TORCH:-2.11.0}
 TRITON_PIN=${MIRAI_PREFLIGHT_TRITON:-3.6.0}
+TORCHVISION_PIN=${MIRAI_PREFLIGHT_TORCHVISION:-0.26.0}  # the torchvision built for torch 2.11 (the GPU machines')
 TEST_TIMEOUT=${MIRAI_PREFLIGHT_TEST_TIMEOUT:-3000}
+# What .ci/setup installs besides torch: the test and evaluation dependencies (torch-fidelity needs torchvision).
+EXTRA_PKGS=(numpy einops tqdm pytest pytest-timeout matplotlib torch-fidelity==0.4.0 "torchvision==$TORCHVISION_PIN")
 mkdir -p "$WORK"
 : > "$WORK/summary.txt"
 failed=0
@@ -64,7 +68,7 @@ find_python312() {
 
 make_venv() {
   if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - "$TORCH_PIN" "$TRITON_PIN" <<'PY'
-import sys, torch, triton, pytest, numpy, einops  # noqa: F401
+import sys, torch, triton, pytest, numpy, einops, torch_fidelity, torchvision, matplotlib  # noqa: F401
 assert sys.version_info[:2] == (3, 12), sys.version
 assert torch.__version__.split("+")[0] == sys.argv[1], torch.__version__
 assert triton.__version__ == sys.argv[2], triton.__version__
@@ -72,11 +76,13 @@ PY
   then
     echo "reusing $VENV"
   else
-    local py; py=$(find_python312) || { echo "no Python 3.12 found (set PYTHON312, or pyenv install 3.12)"; return 1; }
-    echo "creating $VENV with $py"
-    "$py" -m venv "$VENV" || return 1
+    if [ ! -x "$VENV/bin/python" ]; then
+      local py; py=$(find_python312) || { echo "no Python 3.12 found (set PYTHON312, or pyenv install 3.12)"; return 1; }
+      echo "creating $VENV with $py"
+      "$py" -m venv "$VENV" || return 1
+    fi
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q "setuptools>=70" ninja \
-      "torch==$TORCH_PIN" "triton==$TRITON_PIN" numpy einops tqdm pytest pytest-timeout || return 1
+      "torch==$TORCH_PIN" "triton==$TRITON_PIN" "${EXTRA_PKGS[@]}" || return 1
   fi
   "$VENV/bin/python" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| CUDA', torch.version.cuda, '| triton', triton.__version__)"
@@ -112,6 +118,11 @@ aot() {
   cd "$WORK/src" && env -u TRITON_INTERPRET "$VENV/bin/python" -m mirai_kernels.triton.aot_check --json "$WORK/aot.json"
 }
 
+selftest() {
+  # Every fast face that runs on CPU against the reference, Triton's under the 3.6 interpreter; records nothing.
+  cd "$WORK/src" && TRITON_INTERPRET=1 timeout 900 "$VENV/bin/python" -m mirai_kernels.selftest --device cpu --no-record
+}
+
 tests() {
   cd "$WORK/src" && timeout "$TEST_TIMEOUT" "$VENV/bin/python" -m pytest tests -q -rfE -p no:cacheprovider \
     --junitxml="$WORK/tests.xml"
@@ -124,7 +135,7 @@ if stage venv make_venv; then
   if [ -d "$WORK/src" ]; then
     stage aot aot
     # The tests need the C++ extension; without it they would only show the build failure again.
-    if [ $built -eq 0 ]; then stage tests tests; else echo "tests skipped: build failed" | tee -a "$WORK/summary.txt"; failed=1; fi
+    if [ $built -eq 0 ]; then stage selftest selftest; stage tests tests; else echo "tests skipped: build failed" | tee -a "$WORK/summary.txt"; failed=1; fi
   fi
 fi
 echo
