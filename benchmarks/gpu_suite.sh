@@ -41,24 +41,25 @@ JOBS=${MAX_JOBS:-16}
 # benchmark runs short do_bench windows (--warmup 10 --rep 40 ms) at the README's GPU shapes; the dual-attention
 # forward autotunes over the 2 configs per head dim it ships (all AOT-checked for sm_90), nothing more.
 STEPS=(
-  "build|90|find mirai_kernels -maxdepth 1 -name '_C*.so' -delete && MIRAI_CUDA=1 MAX_JOBS=$JOBS TORCH_CUDA_ARCH_LIST=9.0 \$PY -m pip install --no-build-isolation --no-deps -v -e ."
+  "build|85|find mirai_kernels -maxdepth 1 -name '_C*.so' -delete && MIRAI_CUDA=1 MAX_JOBS=$JOBS TORCH_CUDA_ARCH_LIST=9.0 \$PY -m pip install --no-build-isolation --no-deps -v -e ."
   "pytest_gpu|120|\$PY -m pytest -m gpu tests -v -rA -p no:cacheprovider --timeout 90 \$SESSION_TIMEOUT --junitxml=\$W/pytest_gpu.xml \$XDIST"
   "selftest|20|\$PY -m mirai_kernels.selftest --json \$W/selftest.json --cache \$W/selftest_cache.json"
-  "attn_bench|55|\$PY benchmarks/attn_bench.py --batch 32 --heads 16 --seqlens 256 576 --no-flex --warmup 10 --rep 40 --json \$W/bench_attn.json"
-  "foresight_bench|20|\$PY benchmarks/foresight_bench.py --gpt-b --warmup 10 --rep 40 --json \$W/bench_foresight.json"
-  "decode_bench|35|\$PY benchmarks/decode_bench.py --rope --e2e-batch 32 --warmup 10 --rep 40 --json \$W/bench_decode.json"
+  "attn_bench|50|\$PY benchmarks/attn_bench.py --batch 32 --heads 16 --seqlens 256 576 --no-flex --warmup 10 --rep 40 --json \$W/bench_attn.json"
+  "foresight_bench|17|\$PY benchmarks/foresight_bench.py --gpt-b --warmup 10 --rep 40 --json \$W/bench_foresight.json"
+  "decode_bench|32|\$PY benchmarks/decode_bench.py --rope --e2e-batch 32 --warmup 10 --rep 40 --json \$W/bench_decode.json"
   "rope_bench|15|\$PY benchmarks/rope_bench.py --warmup 10 --rep 40 --json \$W/bench_rope.json"
   "train_bench|30|\$PY benchmarks/train_bench.py --warmup 10 --rep 40 --json \$W/bench_train.json"
 )
 ENV_BUDGET=20   # the environment record (imports torch and triton, runs nvidia-smi)
 PACK_BUDGET=5   # each pack (one before the steps, one after each)
+KILL_AFTER=2    # a step still alive this long after its budget's SIGTERM gets SIGKILL: counted in the total
 
 budget_of() {  # budget_of NAME DEFAULT: MIRAI_SUITE_BUDGET_<NAME> overrides
   local var="MIRAI_SUITE_BUDGET_$1"
   echo "${!var:-$2}"
 }
 
-total=$((ENV_BUDGET + (${#STEPS[@]} + 1) * PACK_BUDGET))
+total=$((ENV_BUDGET + (${#STEPS[@]} + 1) * PACK_BUDGET + ${#STEPS[@]} * KILL_AFTER))
 for entry in "${STEPS[@]}"; do
   IFS='|' read -r name budget cmd <<< "$entry"
   total=$((total + $(budget_of "$name" "$budget")))
@@ -69,6 +70,7 @@ if [ "$MODE" = dry ]; then
   printf '  %-16s %5s  %s\n' step budget command
   printf '  %-16s %4ss  %s\n' environment "$ENV_BUDGET" "\$PY benchmarks/gpu_suite_pack.py environment \$W"
   printf '  %-16s %4ss  %s\n' pack "$(( (${#STEPS[@]} + 1) * PACK_BUDGET ))" "\$PY benchmarks/gpu_suite_pack.py pack \$W \$OUT, before the steps and after each (${PACK_BUDGET} s each)"
+  printf '  %-16s %4ss  %s\n' kill-after "$(( ${#STEPS[@]} * KILL_AFTER ))" "timeout --kill-after=${KILL_AFTER}: SIGKILL for a step that outlives its SIGTERM"
   for entry in "${STEPS[@]}"; do
     IFS='|' read -r name budget cmd <<< "$entry"
     printf '  %-16s %4ss  %s\n' "$name" "$(budget_of "$name" "$budget")" "$cmd"
@@ -124,7 +126,7 @@ for entry in "${STEPS[@]}"; do
   echo "== $name (budget ${budget}s): $cmd"
   s0=$SECONDS
   # --kill-after: a step that ignores SIGTERM cannot take the next step's time.
-  timeout --kill-after=5 "$budget" bash -c "$cmd" > "$W/$name.log" 2>&1
+  timeout --kill-after="$KILL_AFTER" "$budget" bash -c "$cmd" > "$W/$name.log" 2>&1
   rc=$?
   dt=$((SECONDS - s0))
   timed_out=false; { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && timed_out=true
