@@ -532,7 +532,7 @@ def cache_free_sample(model, labels, n_tokens, cfg_scale, cfg_interval, generato
     return tokens
 
 
-@pytest.mark.parametrize("cfg_interval", [-1, 0, 4, 4.5, 100])
+@pytest.mark.parametrize("cfg_interval", [-1, 0, 4.5])  # 4.5: LlamaGen parses it as a float
 def test_generate_accepts_llamagen_call_and_cfg_interval(cfg_interval):
     model = small_gpt().eval()
     labels = torch.arange(16) % 10  # enough rows that guidance on or off at any single step shows in the tokens
@@ -542,7 +542,7 @@ def test_generate_accepts_llamagen_call_and_cfg_interval(cfg_interval):
     assert ours.dtype == torch.int32 and ours.shape == (16, 16)  # LlamaGen returns torch.int
     want = cache_free_sample(model, labels, 16, 4.0, cfg_interval, torch.Generator().manual_seed(2), **sampling)
     assert torch.equal(ours.long(), want)
-    if cfg_interval in (0, 4):  # the switch matters: always-guided sampling differs
+    if cfg_interval >= 0:  # the switch matters: always-guided sampling differs
         always = cache_free_sample(model, labels, 16, 4.0, -1, torch.Generator().manual_seed(2), **sampling)
         assert not torch.equal(ours.long(), always)
 
