@@ -13,7 +13,9 @@ state_dict loads strictly and gives LlamaGen's logits:
 * init N(0, 0.02) for Linear and Embedding, the output layer zero.
 
 Attention runs through :class:`mirai_kernels.ForesightAttention` (one kernel for the causal output and, when
-asked, the bidirectional one), decoding through :func:`mirai_kernels.decode_attention` with a static KV cache.
+asked, the bidirectional one); decoding goes through the same module (it owns the cache path: a static per-row
+KV cache driven by ``cache_seqlens``, :func:`mirai_kernels.decode_attention` underneath). LlamaGen's c2i
+checkpoints load with :func:`load_llamagen_gpt` (all of LlamaGen's layouts; presets ``GPT-B`` ... ``GPT-3B``).
 """
 
 from __future__ import annotations

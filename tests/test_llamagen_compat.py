@@ -683,6 +683,10 @@ def test_sample_cli_runs_a_llamagen_checkpoint(tmp_path):
     assert out.is_file() and (tmp_path / "grid.pt").is_file()
     with pytest.raises(SystemExit):  # one model source, not both
         sample.parse_args(["--ckpt", "a.pt", "--gpt-ckpt", "b.pt"])
+    from models import evaluate
+
+    args = evaluate.parse_args(["--gpt-ckpt", "c2i_B_256.pt", "--gpt-model", "GPT-B", "--image-size", "256"])
+    assert (args.gpt_ckpt, args.gpt_model, args.image_size, args.ckpt) == ("c2i_B_256.pt", "GPT-B", 256, None)
 
 
 def test_rope_module_table_stays_fp32_under_casts():
