@@ -174,7 +174,8 @@ def guided_at(t: int, cfg_interval) -> bool:
 def generate(model, cond: torch.Tensor, max_new_tokens: Optional[int] = None, emb_masks=None,
              cfg_scale: float = 1.0, cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, sample_logits: bool = True, *, generator: Optional[torch.Generator] = None,
-             cuda_graph: Optional[bool] = None) -> torch.Tensor:
+             cuda_graph: Optional[bool] = None, speculative: Optional[str] = None, window: int = 16,
+             draft_init: str = "prior") -> torch.Tensor:
     """Sample image tokens per class label; LlamaGen's ``generate`` call works as it is.
 
     ``generate(model, cond, max_new_tokens, emb_masks=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
@@ -198,6 +199,9 @@ def generate(model, cond: torch.Tensor, max_new_tokens: Optional[int] = None, em
         generator: seeds the sampler (one draw, before decoding) for reproducible samples; the per-step randomness
             is a :class:`DeviceRNG` on the model's device (graph- and compile-safe).
         cuda_graph: capture the decode step in a CUDA graph (default: on for CUDA models).
+        speculative: ``None`` = one model call per token; ``"jacobi"`` = lossless speculative Jacobi decoding
+            (:mod:`models.speculative`): the same distribution in fewer calls, ``window`` tokens verified per call
+            (``window - 1`` drafts, initialised by ``draft_init``: ``"prior"`` the token above, or ``"random"``).
     Return:
         tokens: ``(B, max_new_tokens)`` raster order; ``torch.int`` when ``max_new_tokens`` is passed, else int64.
     """
@@ -216,6 +220,15 @@ def generate(model, cond: torch.Tensor, max_new_tokens: Optional[int] = None, em
                          "for t2i caption padding; a class-conditional prefix has nothing to pad)")
     if not sample_logits:
         temperature = 0.0
+    if speculative is not None:
+        if speculative != "jacobi":
+            raise ValueError(f"generate: speculative must be None or 'jacobi', got {speculative!r}")
+        from .speculative import speculative_generate
+
+        tokens = speculative_generate(model, cond, n_tokens, window=window, init=draft_init, cfg_scale=cfg_scale,
+                                      cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, generator=generator, cuda_graph=cuda_graph)
+        return tokens if max_new_tokens is None else tokens.int()
     model.eval()
     device = model.output.weight.device
     labels = cond.to(device=device, dtype=torch.long)

@@ -1,0 +1,232 @@
+"""Speculative Jacobi decoding (models/speculative.py): losslessness against the exact autoregressive joint
+distribution (enumerated), with the power check that broken acceptance rules fail the same test; greedy identity
+with plain decoding at vocab 16384; per-row progress; rollback (cache rows past ``cache_seqlens`` are dead);
+finishing exactly at H*W; torch.compile(fullgraph=True) of the step."""
+
+import itertools
+
+import pytest
+import torch
+
+from models.generate import DeviceRNG, filter_logits, generate
+from models.gpt import build_gpt
+from models.speculative import JacobiStep, speculative_generate
+
+VOCAB, GRID = 4, (2, 2)  # 4^4 = 256 whole sequences: the joint distribution is enumerable
+
+
+def peaked_gpt(vocab=VOCAB, grid=GRID, dim=16, n_layer=1, seed=0, out_std=0.35):
+    """A random GPT whose distributions are far from uniform and depend on the context (LlamaGen zero-inits the
+    output layer, which would make every conditional uniform and every draft acceptable)."""
+    torch.manual_seed(seed)
+    model = build_gpt("micro", vocab_size=vocab, grid=grid, num_classes=3, dim=dim, n_layer=n_layer, n_head=2,
+                      token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5 if p.dim() > 1 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+        model.output.weight.normal_(0, out_std)
+    return model.eval()
+
+
+def exact_joint(model, label, *, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0):
+    """P(sequence) for every sequence (itertools order) from teacher-forced logits, written independently of the
+    sampler: guidance per position, temperature, the plain sampler's filter, softmax, product of conditionals."""
+    n = model.config.block_size
+    seqs = torch.tensor(list(itertools.product(range(model.config.vocab_size), repeat=n)))
+    with torch.no_grad():
+        logits, _ = model(seqs[:, :-1], torch.full((len(seqs),), label))
+        if cfg_scale > 1:
+            uncond, _ = model(seqs[:, :-1], torch.full((len(seqs),), model.null_class))
+            guided = uncond + cfg_scale * (logits - uncond)
+            on = torch.tensor([cfg_interval <= -1 or t == 0 or t - 1 <= cfg_interval for t in range(n)])
+            logits = torch.where(on[None, :, None], guided, logits)
+    logits = logits.double() / temperature
+    flat = filter_logits(logits.reshape(-1, logits.shape[-1]), top_k, top_p).view_as(logits)
+    logp = flat.log_softmax(-1).gather(-1, seqs[..., None]).squeeze(-1).sum(-1)
+    return seqs, logp.exp()
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; cells expected below 5 are pooled (so the chi-square law holds)."""
+    m = counts.sum()
+    expected = probs * m
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]]).double()
+    exp = torch.cat([expected[~small], expected[small].sum()[None]]).double()
+    if bool((obs[exp == 0] > 0).any()):
+        return 0.0  # a sequence of probability zero was sampled
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    df = len(exp) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
+
+
+def sequence_counts(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    n = tokens.shape[1]
+    index = (tokens.long() * (vocab ** torch.arange(n - 1, -1, -1))).sum(-1)
+    return torch.bincount(index, minlength=vocab ** n)
+
+
+SAMPLES = 20000
+P_MIN = 1e-4
+
+
+CASES = {
+    # window < H*W, uniform drafts, no filter
+    "w3-random": dict(window=3, init="random"),
+    # CFG on every window position, top-k, spatial prior (point-mass q)
+    "w4-prior-cfg-topk": dict(window=4, init="prior", cfg_scale=2.5, top_k=3),
+    # window > H*W (the dead tail), cfg_interval switching guidance off inside the window, top-p and temperature
+    "w6-prior-cfg-interval-topp": dict(window=6, init="prior", cfg_scale=2.0, cfg_interval=0, top_p=0.9,
+                                       temperature=1.5),
+}
+
+
+def _sample(model, kwargs, rule="exact", seed=1):
+    sampling = {k: v for k, v in kwargs.items() if k not in ("window", "init")}
+    labels = torch.full((SAMPLES,), 1)
+    gen = torch.Generator().manual_seed(seed)
+    tokens, stats = speculative_generate(model, labels, model.config.block_size, window=kwargs["window"],
+                                         init=kwargs["init"], generator=gen, return_stats=True, _rule=rule,
+                                         **sampling)
+    return tokens, stats, sampling
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lossless_against_enumerated_joint(case):
+    """20000 sequences sampled speculatively fit the exact joint (chi-square p > 1e-4 over the 256 sequences).
+    The test has power: a sample of the same size from a distribution at total variation 0.02 from the exact one
+    fails it (checked here), and so do the broken rules (test below). Rows finish after different numbers of
+    calls, so per-row progress is exercised too."""
+    model = peaked_gpt()
+    tokens, stats, sampling = _sample(model, CASES[case])
+    _, probs = exact_joint(model, 1, **sampling)
+    assert tokens.shape == (SAMPLES, 4)
+    counts = sequence_counts(tokens, VOCAB)
+    assert chi_square_pvalue(counts, probs) > P_MIN
+    assert len(set(stats["calls"].tolist())) > 1, "rows should finish after different numbers of calls"
+    # Power: the same test rejects a distribution at TV 0.02 (mixed toward uniform) at this sample size.
+    uniform = torch.full_like(probs, 1 / len(probs))
+    eps = 0.02 / (0.5 * (probs - uniform).abs().sum())
+    off = (1 - eps) * probs + eps * uniform
+    assert abs(0.5 * (off - probs).abs().sum() - 0.02) < 1e-9
+    fake = torch.multinomial(off.float(), SAMPLES, replacement=True, generator=torch.Generator().manual_seed(2))
+    assert chi_square_pvalue(torch.bincount(fake, minlength=len(probs)), probs) < P_MIN
+
+
+@pytest.mark.parametrize("rule,case", [("accept_always", "w4-prior-cfg-topk"), ("resample_p", "w3-random"),
+                                       ("resample_p", "w4-prior-cfg-topk")])
+def test_broken_rules_fail_the_lossless_test(rule, case):
+    """Accepting every draft, or resampling a rejected position from p instead of norm(max(p - q, 0)), is not
+    lossless; the chi-square test above must see it."""
+    model = peaked_gpt()
+    tokens, _, sampling = _sample(model, CASES[case], rule=rule)
+    _, probs = exact_joint(model, 1, **sampling)
+    assert chi_square_pvalue(sequence_counts(tokens, VOCAB), probs) < P_MIN
+
+
+def big_vocab_gpt(seed=0):
+    torch.manual_seed(seed)
+    model = build_gpt("micro", vocab_size=16384, grid=4, num_classes=10, dim=64, n_layer=2, n_head=2)
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("window,init,cfg_scale", [(2, "random", 3.0), (4, "prior", 1.0), (8, "prior", 3.0),
+                                                    (32, "random", 1.0)])
+def test_greedy_matches_plain_greedy(window, init, cfg_scale):
+    """temperature 0 (and top_k = 1 at temperature 1): token-identical to plain greedy decoding at vocab 16384,
+    for windows shorter and longer than H*W = 16."""
+    model = big_vocab_gpt()
+    labels = torch.tensor([1, 2, 3])
+    plain = generate(model, labels, temperature=0, cfg_scale=cfg_scale)
+    spec = generate(model, labels, temperature=0, cfg_scale=cfg_scale, speculative="jacobi", window=window,
+                    draft_init=init)
+    assert spec.dtype == plain.dtype and torch.equal(spec, plain)
+    topk1 = generate(model, labels, top_k=1, cfg_scale=cfg_scale, speculative="jacobi", window=window,
+                     draft_init=init, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(topk1, plain)
+    # LlamaGen's call: max_new_tokens given -> a prefix, int32
+    short = generate(model, labels, 7, temperature=0, cfg_scale=cfg_scale, speculative="jacobi", window=window)
+    assert short.dtype == torch.int32 and torch.equal(short.long(), plain[:, :7])
+
+
+def test_per_row_progress_and_dead_cache_rows():
+    """Rows advance by their own accepted counts: a greedy batch whose rows accept differently (different labels;
+    checked: their call counts differ) ends equal to plain greedy row by row. Every step: ``cache_seqlens`` = prefix + committed - 1 (never past the
+    accepted tokens), finished rows do not change, and the cache rows past ``cache_seqlens`` are dead: they are
+    overwritten with NaN after every step and the output is still exact (a rollback that read a rejected draft's
+    K/V row would turn NaN)."""
+    model = big_vocab_gpt(seed=3)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    plain = generate(model, labels, temperature=0, cfg_scale=2.0)
+    n, prefix, window = model.config.block_size, model.config.cls_token_num, 4
+    cond = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    model.setup_caches(cond.shape[0], prefix + n + window)
+    step = JacobiStep(model, 6, window=window, guided=True, cfg_scale=2.0, cfg_interval=-1, temperature=0.0,
+                      top_k=0, top_p=1.0, rng=DeviceRNG(0, "cpu"), init="prior", device=torch.device("cpu"))
+    with torch.no_grad():
+        step.prefill(cond)
+        for _ in range(n - 1):
+            before = step.seq.clone(), step.n.clone()
+            step()
+            assert torch.equal(step.cache_seqlens, (prefix + step.n - 1).repeat(2).int())
+            finished = before[1] >= n
+            assert torch.equal(step.seq[finished, :n], before[0][finished, :n])
+            assert torch.equal(step.n[finished], before[1][finished])
+            for layer in model.layers:
+                for buf in (layer.attention.kv_cache.k, layer.attention.kv_cache.v):
+                    rows = torch.arange(buf.shape[1])[None, :] >= step.cache_seqlens[:, None]
+                    buf[rows] = float("nan")
+    assert torch.equal(step.n, torch.full((6,), n))
+    assert torch.equal(step.seq[:, :n], plain)
+    assert len(set(step.calls.tolist())) > 1, "the rows should have needed different numbers of calls"
+    model.clear_caches()
+
+
+def test_finishes_exactly_at_the_end():
+    """Windows reaching past H*W commit nothing past it: the tokens are (B, H*W), every row has exactly H*W
+    committed, and the number of calls never exceeds H*W - 1."""
+    model = peaked_gpt(seed=4)
+    tokens, stats = speculative_generate(model, torch.tensor([0, 1, 2, 0]), 4, window=8, init="prior",
+                                         cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
+                                         return_stats=True)
+    assert tokens.shape == (4, 4) and int(tokens.max()) < VOCAB
+    assert int(stats["calls"].max()) <= 3 and stats["steps"] <= 3
+
+
+def test_bad_arguments():
+    model = peaked_gpt()
+    with pytest.raises(ValueError, match="speculative"):
+        generate(model, torch.tensor([0]), speculative="medusa")
+    with pytest.raises(ValueError, match="window"):
+        generate(model, torch.tensor([0]), speculative="jacobi", window=1)
+    with pytest.raises(ValueError, match="init"):
+        generate(model, torch.tensor([0]), speculative="jacobi", draft_init="left")
+
+
+def test_step_compiles_fullgraph():
+    """The CPU stand-in for CUDA-graph capture: torch.compile traces the whole speculative step (cached window
+    forward, guidance, verification, residual resampling, redrafting, cache advance) with no graph break, and it
+    gives the eager step's state."""
+    torch._dynamo.reset()
+    model = peaked_gpt(seed=5, vocab=8, grid=(3, 3))
+    labels = torch.tensor([0, 2])
+    cond = torch.cat([labels, torch.full_like(labels, model.null_class)])
+
+    def run(compiled):
+        model.setup_caches(4, 1 + 9 + 4)
+        step = JacobiStep(model, 2, window=4, guided=True, cfg_scale=2.0, cfg_interval=-1, temperature=1.0,
+                          top_k=5, top_p=0.9, rng=DeviceRNG(7, "cpu"), init="prior", device=torch.device("cpu"))
+        with torch.no_grad():
+            step.prefill(cond)
+            fn = torch.compile(step.__call__, fullgraph=True, backend="aot_eager") if compiled else step
+            for _ in range(3):
+                fn()
+        return step.seq.clone(), step.n.clone(), step.cache_seqlens.clone()
+
+    eager, compiled = run(False), run(True)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
