@@ -230,3 +230,35 @@ def test_step_compiles_fullgraph():
     eager, compiled = run(False), run(True)
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+def test_decode_faces_agree_at_window_queries():
+    """The speculative window's attention call -- S_q = 16 new tokens appended at per-row cache lengths (one row
+    finished: its window runs into the RoPE table's zero-padded tail), RoPE at the query positions -- gives the same
+    output and cache writes on every CPU face as the fp64 reference."""
+    import mirai_kernels as mk
+    from mirai_kernels import backend as B
+
+    faces = [f for f in ("cpp", "triton") if f in B.available_faces("decode_attention", torch.device("cpu"))]
+    if not faces:
+        pytest.skip("no C++ or Triton decode face here")
+    torch.manual_seed(0)
+    window, rows, heads, head_dim = 16, 3, 2, 16
+    max_seqlen = 1 + 64 + window
+    q = torch.randn(rows, window, heads, head_dim)
+    k_cache, v_cache = torch.randn(rows, max_seqlen, heads, head_dim), torch.randn(rows, max_seqlen, heads, head_dim)
+    k_new, v_new = torch.randn(rows, window, heads, head_dim), torch.randn(rows, window, heads, head_dim)
+    seqlens = torch.tensor([1, 30, 64], dtype=torch.int32)  # just prefilled, mid-image, last token committed
+    table = mk.rope_2d_table((8, 8), head_dim, 1)
+    table = torch.cat([table, table.new_zeros(max_seqlen - table.shape[0], *table.shape[1:])])
+
+    def call(face, dtype):
+        kc, vc = k_cache.to(dtype), v_cache.to(dtype)
+        out = mk.decode_attention(q.to(dtype), kc, vc, k_new.to(dtype), v_new.to(dtype), cache_seqlens=seqlens,
+                                  rope_table=table, backend=face)
+        return out, kc, vc
+
+    ref = call("reference", torch.float64)
+    for face in faces:
+        for got, want in zip(call(face, torch.float32), ref):
+            torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
