@@ -47,7 +47,7 @@ def git_commit() -> str | None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=positive_int, default=4000)
+    p.add_argument("--steps", type=positive_int, default=3000)
     p.add_argument("--work", default=os.path.join("runs", "pretrain-demo"), help="training directory (not committed)")
     p.add_argument("--dest", default=os.path.join("models", "pretrained", "shapes8-micro"), help="where the shipped files go")
     p.add_argument("--n-check", type=positive_int, default=200, help="samples scored for summary.json")
