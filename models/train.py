@@ -556,11 +556,20 @@ def train(args) -> dict:
         ema.model.load_state_dict(state["ema"])
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
         start_step = state["step"]
-    # Dropout streams differ per rank (same weights, different masks), reproducibly.
-    if world > 1 and not args.resume:
-        torch.manual_seed(args.seed * 1000 + rank)
+    # Dropout streams differ per rank (same weights, different masks), reproducibly; a resume restores each rank's
+    # own stream (checkpoints of a multi-process run hold one per rank), else every rank would draw rank 0's masks.
+    per_rank = state.get("rng_per_rank") if state is not None else None
+    if state is not None and per_rank is not None and len(per_rank) == world:
+        torch.set_rng_state(per_rank[rank])
+    elif state is not None and world == 1:
+        torch.set_rng_state(state["rng"])
+    else:
+        if state is not None:  # another world size than the checkpoint's: exact continuation is impossible
+            print(f"models.train: warning: {last_path} was written by {len(per_rank) if per_rank else 1} "
+                  f"process(es), this run has {world}: the dropout streams restart from the seed, so the resumed "
+                  f"run is not bit-exact with an uninterrupted one", file=sys.stderr, flush=True)
+        torch.manual_seed(args.seed * 1000 + rank if world > 1 else args.seed)
 
     schedule = {"ema_decay": ema_decay, "warmup_steps": warmup, "halve_at": halve_at,
                 "foresight_layer": getattr(objective, "layer", None), "world_size": world}
@@ -578,8 +587,15 @@ def train(args) -> dict:
         else:
             state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "objective": objective.state_dict(),
                      "optimizer": optimizer.state_dict()}
+        rng = torch.get_rng_state()
+        if world > 1:  # a collective: every rank calls save_full
+            import torch.distributed as dist
+
+            rng_per_rank = [None] * world
+            dist.all_gather_object(rng_per_rank, rng)
+            state["rng_per_rank"] = rng_per_rank
         if is_main:
-            atomic_save({"config": config.__dict__, **state, "rng": torch.get_rng_state(), "step": step,
+            atomic_save({"config": config.__dict__, **state, "rng": rng, "step": step,
                          "args": vars(args), "run_config": run_config}, last_path)
 
     if is_main and args.resume:  # rows a killed run logged after its last checkpoint are logged again below
