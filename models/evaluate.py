@@ -48,7 +48,7 @@ from .classifier import builtin_classifier, file_digest, load_classifier, regist
 from .cli import UsageError, device, int_at_least, positive_int, run_main, sampling_seed, train_seed
 from .data import CLASS_NAMES, build_dataset, satisfies_rule
 from .generate import generate
-from .sample import add_model_source_args, add_sampling_args, check_sampling_request, load_model
+from .sample import add_model_source_args, add_sampling_args, check_sampling_request, load_model, sampling_kwargs
 from .tokenizer import PaletteTokenizer
 
 
@@ -292,7 +292,7 @@ def evaluate(args) -> dict:
     config = model.config
     grid = tuple(config.grid)
     labels = class_labels(args.n, config.num_classes)
-    sampling = dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = sampling_kwargs(args)
     # Rank r samples labels[r::world] from its own stream (rank 0's is the single-process stream).
     mine = sample_tokens(model, labels[rank::world], batch_size=args.batch_size, seed=args.seed + 1_000_003 * rank,
                          **sampling)

@@ -14,7 +14,8 @@ import os
 import torch
 
 from .checkpoint import atomic_save
-from .cli import UsageError, device, float_in, nonneg_int, positive_int, probability, run_main, sampling_seed
+from .cli import (UsageError, device, float_in, int_at_least, nonneg_int, positive_int, probability, run_main,
+                  sampling_seed)
 from .data import CLASS_NAMES, satisfies_rule
 from .generate import generate
 from .tokenizer import PaletteTokenizer, image_grid, write_png
@@ -29,6 +30,20 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float_in(0.0), default=1.0, help=">= 0 (0 = greedy)")
     p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus in [0, 1] (1 = off, 0 = greedy)")
+    p.add_argument("--speculative", choices=["none", "jacobi"], default="none", help="jacobi: lossless speculative "
+                   "Jacobi decoding (the same distribution in fewer model calls; models/speculative.py)")
+    p.add_argument("--window", type=int_at_least(2), default=16, help="--speculative jacobi: tokens verified per "
+                   "model call (the last token + window - 1 drafts), >= 2")
+    p.add_argument("--draft-init", choices=["prior", "random"], default="prior", help="--speculative jacobi: drafts "
+                   "start as the token above (prior) or uniform random tokens")
+
+
+def sampling_kwargs(args) -> dict:
+    """The :func:`models.generate.generate` keywords that :func:`add_sampling_args`'s flags resolve to."""
+    kwargs = dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.speculative == "jacobi":
+        kwargs.update(speculative="jacobi", window=args.window, draft_init=args.draft_init)
+    return kwargs
 
 
 def add_model_source_args(p: argparse.ArgumentParser) -> None:
@@ -105,8 +120,7 @@ def main(argv=None):
     labels = torch.tensor([classes[i % len(classes)] for i in range(args.n)])
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     tokens = torch.cat([
-        generate(model, labels[i: i + args.batch_size], cfg_scale=args.cfg, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, generator=generator).cpu()
+        generate(model, labels[i: i + args.batch_size], generator=generator, **sampling_kwargs(args)).cpu()
         for i in range(0, args.n, args.batch_size)
     ])
     if args.vq_ckpt:

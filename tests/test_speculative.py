@@ -4,6 +4,7 @@ with plain decoding at vocab 16384; per-row progress; rollback (cache rows past 
 finishing exactly at H*W; torch.compile(fullgraph=True) of the step."""
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -262,3 +263,23 @@ def test_decode_faces_agree_at_window_queries():
     for face in faces:
         for got, want in zip(call(face, torch.float32), ref):
             torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_sample_cli_speculative_on_the_shipped_checkpoint(tmp_path):
+    """`models.sample --speculative jacobi` samples the shipped model with the structure plain sampling reaches,
+    and `--window` below 2 is refused at parse time, naming the flag."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ckpt = os.path.join(root, "models", "pretrained", "shapes8-micro", "model.pt")
+    run = subprocess.run([sys.executable, "-m", "models.sample", "--ckpt", ckpt, "--out", str(tmp_path / "s.png"),
+                          "--speculative", "jacobi", "--window", "8"], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    line = next(l for l in run.stdout.splitlines() if l.startswith("structure:"))
+    ok, n = map(int, line.split()[1].split("/"))
+    assert n == 40 and ok >= 20, line  # plain sampling: 28/40 (tests/test_pretrained.py)
+    bad = subprocess.run([sys.executable, "-m", "models.sample", "--ckpt", ckpt, "--speculative", "jacobi",
+                          "--window", "1"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--window" in bad.stderr
