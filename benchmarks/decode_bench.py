@@ -1,4 +1,4 @@
-"""KV-cache decode attention, kernel part: every face of ``decode_attention`` beside SDPA over the cache.
+"""KV-cache decode attention, kernel part: every backend of ``decode_attention`` beside SDPA over the cache.
 
     python benchmarks/decode_bench.py                         # CPU defaults: GPT-B heads, batch 8, caches 256/576
     python benchmarks/decode_bench.py --batch 8 32 64 --cache-lens 256 576 --layers 12 --json out.json   # GPU
@@ -13,7 +13,7 @@ Providers, all on the same inputs:
 * ``sdpa_over_cache`` (baseline): the usual static-cache eager step (gpt-fast style): caches in SDPA's preferred
   (B, H, S_max, D) layout, new k/v written with ``scatter_``, then ``scaled_dot_product_attention`` over the whole
   static cache with a boolean mask of the valid keys; RoPE (if on) by LlamaGen's eager formula;
-* ``mirai_<face>``: ``decode_attention(..., backend=face)`` for every face that runs here (interpreted Triton is
+* ``mirai_<backend>``: ``decode_attention(..., backend=...)`` for every backend that runs here (interpreted Triton is
   not timed);
 * ``copy_same_bytes``: a device-to-device copy moving the same number of bytes (read + write) as the KV the step
   must read: the practical bandwidth ceiling, measured in the same run;
@@ -30,6 +30,10 @@ eager LlamaGen-style loop (per-step Python, a KV cache grown with ``torch.cat``,
 The model is cast with ``model.to(dtype)`` (``--dtype``: fp16 by default on GPU, bf16 as LlamaGen's sampling
 script), which keeps the RoPE table fp32.
 Reports ms per image batch, us per step, images/s and GB/s (weights + the average KV bytes per step).
+``mirai_jacobi_w<W>`` (``--e2e-windows 16``; ``--no-e2e-eager`` drops the slow eager baseline): the same sampler
+with lossless speculative Jacobi decoding (window W, ``--e2e-draft-init``), with its model calls per image and per
+batch (a step = one window call) and its speed-up over ``mirai_sampler``; on random weights the acceptance depends
+on ``--e2e-output-std`` (see spec_bench.py for trained-model numbers).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def main(argv=None):
     parser.add_argument("--seqlen-q", type=int, default=1, help="new tokens per step")
     parser.add_argument("--layers", type=int, default=None, help="caches cycled per call (default: 1 CPU, 12 GPU)")
     parser.add_argument("--rope", action="store_true", help="rotate q and k_new with a 2D RoPE table")
-    parser.add_argument("--num-splits", type=int, default=0, help="0 = each face's heuristic")
+    parser.add_argument("--num-splits", type=int, default=0, help="0 = each backend's heuristic")
     parser.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: fp32 CPU, fp16 GPU)")
     parser.add_argument("--no-graph", action="store_true", help="GPU: do not add the CUDA-graph-replayed providers")
     parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
@@ -84,6 +88,14 @@ def main(argv=None):
     parser.add_argument("--e2e-model", default=None, help="GPT preset (default: B on GPU, tiny on CPU)")
     parser.add_argument("--e2e-grid", type=int, default=None, help="token grid side (default: 16 GPU, 8 CPU)")
     parser.add_argument("--e2e-batch", type=int, nargs="+", default=None, help="images (default: 8 32 64 GPU, 4 CPU)")
+    parser.add_argument("--e2e-windows", type=int, nargs="*", default=[],
+                        help="e2e: add a speculative Jacobi provider per window (default none: plain sampling only)")
+    parser.add_argument("--e2e-eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="e2e: time the eager LlamaGen-style loop (the baseline; without it mirai_sampler is)")
+    parser.add_argument("--e2e-draft-init", default="prior", help="e2e: the speculative providers' draft_init")
+    parser.add_argument("--e2e-output-std", type=float, default=0.02,
+                        help="e2e: std of the random output layer (LlamaGen zero-inits it; larger = peakier "
+                             "conditionals, fewer accepted speculative drafts)")
     parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                         help="time the decode attention kernels")
     args = parser.parse_args(argv)
@@ -156,7 +168,7 @@ def main(argv=None):
                 reason = "interpreted Triton is a correctness tool, not timed"
             if reason is None and face == "cuda" and (dtype not in (torch.float16, torch.bfloat16)
                                                       or head_dim not in (64, 128)):
-                reason = "the cuda face takes fp16/bf16, head_dim 64/128"
+                reason = "the cuda backend takes fp16/bf16, head_dim 64/128"
             providers[f"mirai_{face}"] = (None, reason) if reason else ours(face)
 
         src = torch.empty(int(case.bytes) // 2, dtype=torch.uint8, device=device)
@@ -222,6 +234,7 @@ def eager_llamagen_generate(model, labels, cfg_scale, generator):
 def end_to_end(args, device, dtype):
     from models.generate import generate
     from models.gpt import build_gpt
+    from models.speculative import speculative_generate
 
     on_gpu = device.type == "cuda"
     preset = args.e2e_model or ("B" if on_gpu else "tiny")
@@ -229,7 +242,9 @@ def end_to_end(args, device, dtype):
     torch.manual_seed(0)
     model = build_gpt(preset, grid=side, vocab_size=16384, num_classes=1000)
     with torch.no_grad():
-        model.output.weight.normal_(0, 0.02)  # LlamaGen zero-inits it; sampled tokens should vary
+        # LlamaGen zero-inits it: sampled tokens should vary, and with a zero layer every conditional is uniform,
+        # so every speculative draft would be accepted.
+        model.output.weight.normal_(0, args.e2e_output_std)
     model = model.to(device=device, dtype=dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = model.config
@@ -247,17 +262,46 @@ def end_to_end(args, device, dtype):
     def make_providers(case):
         labels = torch.arange(case.params["batch"], device=device) % 1000
         gen = torch.Generator(device=device)
-        return {
+        providers = {
             "eager_llamagen_dynamic": lambda: eager_llamagen_generate(model, labels, 2.0, gen.manual_seed(0)),
             "mirai_sampler": lambda: generate(model, labels, cfg_scale=2.0, generator=gen.manual_seed(0)),
         }
+        if not args.e2e_eager:
+            del providers["eager_llamagen_dynamic"]
+        for window in args.e2e_windows:
+            # The same sampler API with speculative="jacobi": the window step CUDA-graph-captured on GPU as the
+            # plain step is; same seed, so every timed call decodes the same images in the same number of calls.
+            providers[f"mirai_jacobi_w{window}"] = (
+                lambda w=window: generate(model, labels, cfg_scale=2.0, generator=gen.manual_seed(0),
+                                          speculative="jacobi", window=w, draft_init=args.e2e_draft_init))
+        return providers
 
-    results = run_cases(cases, make_providers, baseline="eager_llamagen_dynamic", device=device, args=args)
+    baseline = "eager_llamagen_dynamic" if args.e2e_eager else "mirai_sampler"
+    results = run_cases(cases, make_providers, baseline=baseline, device=device, args=args)
     for row in results:
-        for entry in row["providers"].values():
-            if "ms" in entry:
-                entry["us_per_step"] = entry["ms"] * 1e3 / row["params"]["steps"]
-                entry["images_per_s"] = row["params"]["batch"] / (entry["ms"] * 1e-3)
+        labels = torch.arange(row["params"]["batch"], device=device) % 1000
+        for name, entry in row["providers"].items():
+            if "ms" not in entry:
+                continue
+            steps = row["params"]["steps"]
+            if name.startswith("mirai_jacobi_w"):
+                # Calls of the timed generation (same seed): per image (prefill included) and for the whole
+                # batch (its slowest row), measured once more outside the timing.
+                window = int(name.rsplit("w", 1)[1])
+                _, stats = speculative_generate(model, labels, steps, window=window, init=args.e2e_draft_init,
+                                                cfg_scale=2.0, return_stats=True,
+                                                generator=torch.Generator(device=device).manual_seed(0))
+                calls = stats["calls"].float() + 1
+                entry.update(calls_per_image_mean=float(calls.mean()), calls_per_image_max=int(calls.max()),
+                             batch_calls=stats["steps"] + 1, fewer_calls_per_image=steps / float(calls.mean()))
+                steps = stats["steps"] + 1
+                entry.pop("gbps", None)  # the case's bytes assume one call per token
+            entry["us_per_step"] = entry["ms"] * 1e3 / steps
+            entry["images_per_s"] = row["params"]["batch"] / (entry["ms"] * 1e-3)
+        plain = row["providers"].get("mirai_sampler", {}).get("ms")
+        for name, entry in row["providers"].items():
+            if plain and "ms" in entry and name.startswith("mirai_jacobi_w"):
+                entry["speedup_vs_mirai_sampler"] = plain / entry["ms"]
         print(f"  {row['case']}: " + ", ".join(
             f"{name} {e['us_per_step']:.0f} us/step {e['images_per_s']:.1f} img/s"
             for name, e in row["providers"].items() if "us_per_step" in e))

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The prepared run for a lent GPU machine: one command, at most ~7.5 minutes, at most 2 result files.
+# The prepared run for a lent GPU machine: one command, at most 8 minutes, at most 2 result files.
 #
 #   device run:  MIRAI_GIT_COMMIT=<sha> bash benchmarks/gpu_suite.sh      ($OUT set by the device tool)
 #   here:        bash benchmarks/gpu_suite.sh --dry-run                   (steps, budgets, commands; runs nothing)
 #                bash benchmarks/gpu_suite.sh --fake                      (every step replaced by a quick stand-in:
 #                                                                          the output layout, tested on CPU)
-# Steps run in order, each under its own `timeout` budget (they sum below MIRAI_SUITE_LIMIT, 450 s by default,
+# Steps run in order, each under its own `timeout` budget (they sum below MIRAI_SUITE_LIMIT, 480 s by default,
 # which leaves margin inside the device tool's 10-minute command for the machine's start and the transfers):
 # correctness first (build the CUDA extension there, never a carried .so; `pytest -m gpu`, every test reported,
 # no -x), then the mirai_kernels selftest, then the headline benchmarks at the README's GPU shapes. A failing or
@@ -30,7 +30,7 @@ case "${1:-}" in
 esac
 PY=${PY:-python3}
 case "$PY" in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # steps may change directory
-LIMIT=${MIRAI_SUITE_LIMIT:-450}
+LIMIT=${MIRAI_SUITE_LIMIT:-480}
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
 JOBS=${MAX_JOBS:-16}
 
@@ -39,7 +39,9 @@ JOBS=${MAX_JOBS:-16}
 # Budgets from what each step does: the CUDA extension is 2 .cu files for sm_90 only; pytest -m gpu is ~100 tests
 # whose time is mostly Triton JIT compiles (xdist spreads them over processes when it is installed); each
 # benchmark runs short do_bench windows (--warmup 10 --rep 40 ms) at the README's GPU shapes; the dual-attention
-# forward autotunes over the 2 configs per head dim it ships (all AOT-checked for sm_90), nothing more.
+# forward autotunes over the 2 configs per head dim it ships (all AOT-checked for sm_90), nothing more. spec_e2e_bench
+# is decode_bench's end-to-end part alone: GPT-B 16x16, batch 32, CFG 2, the CUDA-graph plain sampler beside
+# speculative Jacobi decoding at window 16 (no eager baseline, short do_bench windows: each call is a whole batch).
 STEPS=(
   "build|85|find mirai_kernels -maxdepth 1 -name '_C*.so' -delete && MIRAI_CUDA=1 MAX_JOBS=$JOBS TORCH_CUDA_ARCH_LIST=9.0 \$PY -m pip install --no-build-isolation --no-deps -v -e ."
   "pytest_gpu|120|\$PY -m pytest -m gpu tests -v -rA -p no:cacheprovider --timeout 90 \$SESSION_TIMEOUT --junitxml=\$W/pytest_gpu.xml \$XDIST"
@@ -47,6 +49,7 @@ STEPS=(
   "attn_bench|50|\$PY benchmarks/attn_bench.py --batch 32 --heads 16 --seqlens 256 576 --no-flex --warmup 10 --rep 40 --json \$W/bench_attn.json"
   "foresight_bench|17|\$PY benchmarks/foresight_bench.py --gpt-b --warmup 10 --rep 40 --json \$W/bench_foresight.json"
   "decode_bench|32|\$PY benchmarks/decode_bench.py --rope --e2e-batch 32 --warmup 10 --rep 40 --json \$W/bench_decode.json"
+  "spec_e2e_bench|23|\$PY benchmarks/decode_bench.py --no-kernels --no-e2e-eager --e2e-batch 32 --e2e-windows 16 --warmup 5 --rep 20 --json \$W/bench_spec_e2e.json"
   "rope_bench|15|\$PY benchmarks/rope_bench.py --warmup 10 --rep 40 --json \$W/bench_rope.json"
   "train_bench|30|\$PY benchmarks/train_bench.py --warmup 10 --rep 40 --json \$W/bench_train.json"
 )

@@ -201,7 +201,8 @@ def generate(model, cond: torch.Tensor, max_new_tokens: Optional[int] = None, em
         cuda_graph: capture the decode step in a CUDA graph (default: on for CUDA models).
         speculative: ``None`` = one model call per token; ``"jacobi"`` = lossless speculative Jacobi decoding
             (:mod:`models.speculative`): the same distribution in fewer calls, ``window`` tokens verified per call
-            (``window - 1`` drafts, initialised by ``draft_init``: ``"prior"`` the token above, or ``"random"``).
+            (``window - 1`` drafts, initialised by ``draft_init``: ``"prior"`` the token above, ``"left"`` the
+            token to the left, or ``"random"``).
     Return:
         tokens: ``(B, max_new_tokens)`` raster order; ``torch.int`` when ``max_new_tokens`` is passed, else int64.
     """

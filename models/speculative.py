@@ -12,9 +12,10 @@ a context made of committed tokens, its q is a function of the past, and its ran
 The Jacobi update: positions after the newly committed token are redrafted from this call's p at those positions
 (computed under the old, now stale drafts -- a valid q all the same, since it is known and the draw is fresh), and
 each draft's q is remembered for its verification. Positions past the old window are drafted fresh
-(``init``): ``"random"`` (uniform q), or ``"prior"``, the spatial prior: the token above (the token to the left on
-the first image row), drafted deterministically, i.e. q a point mass on it -- a well-defined q for which the test
-accepts with probability p(prior token) and the residual is p with that token removed.
+(``init``): ``"random"`` (uniform q), ``"prior"``, the spatial prior: the token above (the token to the left on
+the first image row), or ``"left"``, the token to the left (so every fresh draft repeats the last known token),
+each drafted deterministically, i.e. q a point mass on it -- a well-defined q for which the test accepts with
+probability p(prior token) and the residual is p with that token removed.
 
 Rollback is free: a call writes K/V at cache rows ``cache_seqlens .. cache_seqlens + window - 1`` (the decode
 kernel's append), but ``cache_seqlens`` advances only by the committed count, so the rows of rejected drafts lie
@@ -37,7 +38,7 @@ import torch
 
 from .generate import DeviceRNG, filter_logits, seed_from
 
-INITS = ("prior", "random")
+INITS = ("prior", "left", "random")
 
 
 class JacobiStep:
@@ -106,6 +107,10 @@ class JacobiStep:
         if self.init == "random":
             tokens = (self.rng.uniform(pos.shape) * V).long().clamp_(max=V - 1)
             return tokens, torch.full((*pos.shape, V), 1.0 / V, device=pos.device)
+        if self.init == "left":
+            # The token to the left, chained back to the last known one (first - 1): every fresh draft repeats it.
+            tokens = self.seq.gather(1, (first - 1)[:, None].expand(-1, W - 1))
+            return tokens, torch.nn.functional.one_hot(tokens, V).float()
         # Spatial prior: the token above, followed upward until it lands below `first` (so it is known); on the
         # first image row the token to the left, which chains back to first - 1.
         above = pos - self.grid_w * torch.div(pos - first[:, None] + self.grid_w, self.grid_w, rounding_mode="floor")

@@ -34,7 +34,7 @@ def test_dry_run_lists_steps_whose_budgets_fit_one_command():
     limit = int(lines[0].split(" s of a ")[1].split()[0])
     assert total <= limit <= 480 < DEVICE_COMMAND_LIMIT_S  # 8 minutes at most, with margin inside the 10
     steps = {line.split()[0]: line for line in lines[2:]}
-    for name in ("build", "pytest_gpu", "selftest", "attn_bench", "decode_bench", "foresight_bench"):
+    for name in ("build", "pytest_gpu", "selftest", "attn_bench", "decode_bench", "foresight_bench", "spec_e2e_bench"):
         assert name in steps, out.stdout
     assert sum(int(line.split()[1].rstrip("s")) for line in lines[2:]) == total
     assert list(steps).index("pytest_gpu") < list(steps).index("attn_bench")  # correctness first
@@ -42,6 +42,7 @@ def test_dry_run_lists_steps_whose_budgets_fit_one_command():
     assert "-m gpu" in pytest_line and " -x" not in pytest_line and "--junitxml" in pytest_line
     assert "python " not in out.stdout.replace("$PY", "")  # the device machine has python3, not python
     assert "MIRAI_CUDA=1" in steps["build"]  # the extension is rebuilt there, never carried
+    assert "--e2e-windows" in steps["spec_e2e_bench"] and "--no-kernels" in steps["spec_e2e_bench"]
 
 
 def test_budgets_over_the_limit_refuse_to_run(tmp_path):
@@ -75,7 +76,8 @@ def test_fake_run_layout_outcomes_and_a_timed_out_step(tmp_path):
     assert outcomes == {"test_ok": "passed", "test_bad": "failed", "test_skip": "skipped"}
     assert summary["test_counts"] == {"passed": 1, "failed": 1, "skipped": 1}
     assert "planted" in next(t for t in summary["tests"] if t["outcome"] == "failed")["message"]
-    assert set(summary["benchmarks"]) == {"bench_attn", "bench_foresight", "bench_decode", "bench_train"}
+    assert set(summary["benchmarks"]) == {"bench_attn", "bench_foresight", "bench_decode", "bench_spec_e2e",
+                                          "bench_train"}
     with tarfile.open(out_dir / "logs.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
     assert {"pytest_gpu.log", "pytest_gpu.xml", "rope_bench.log", "steps.jsonl", "environment.json"} <= names

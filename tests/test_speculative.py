@@ -78,6 +78,8 @@ CASES = {
     "w3-random": dict(window=3, init="random"),
     # CFG on every window position, top-k, spatial prior (point-mass q)
     "w4-prior-cfg-topk": dict(window=4, init="prior", cfg_scale=2.5, top_k=3),
+    # the left prior (every fresh draft repeats the last known token), CFG
+    "w3-left-cfg": dict(window=3, init="left", cfg_scale=2.0),
     # window > H*W (the dead tail), cfg_interval switching guidance off inside the window, top-p and temperature
     "w6-prior-cfg-interval-topp": dict(window=6, init="prior", cfg_scale=2.0, cfg_interval=0, top_p=0.9,
                                        temperature=1.5),
@@ -136,7 +138,7 @@ def big_vocab_gpt(seed=0):
 
 
 @pytest.mark.parametrize("window,init,cfg_scale", [(2, "random", 3.0), (4, "prior", 1.0), (8, "prior", 3.0),
-                                                    (32, "random", 1.0)])
+                                                    (5, "left", 3.0), (32, "random", 1.0)])
 def test_greedy_matches_plain_greedy(window, init, cfg_scale):
     """temperature 0 (and top_k = 1 at temperature 1): token-identical to plain greedy decoding at vocab 16384,
     for windows shorter and longer than H*W = 16."""
