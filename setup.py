@@ -111,7 +111,7 @@ setup(
     packages=find_packages(include=["mirai_kernels", "mirai_kernels.*", "models", "models.*"]),
     python_requires=">=3.10",
     install_requires=[f"torch>={TORCH_RANGE[0][0]}.{TORCH_RANGE[0][1]}", f"triton>={TRITON_MIN}; platform_system == 'Linux'",
-                      "einops", "numpy", "tqdm"],
+                      "numpy", "tqdm"],
     extras_require={
         # torchvision pinned to the build matching torch 2.14.1, or pip may pull a newer torch with it.
         "eval": ["torch-fidelity==0.4.0", "torchvision==0.29.1", "scikit-learn", "matplotlib"],

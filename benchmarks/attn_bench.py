@@ -1,10 +1,10 @@
-"""Dual (causal + bidirectional) attention: every face of ``dual_attention`` beside two SDPA calls.
+"""Dual (causal + bidirectional) attention: every backend of ``dual_attention`` beside two SDPA calls.
 
     python benchmarks/attn_bench.py                        # CPU defaults: GPT-B heads, S = 256 and 576, batch 2, fp32
     python benchmarks/attn_bench.py --batch 32 --heads 16 --seqlens 256 576 --json out.json   # GPU: bf16
 
 Providers for "both outputs" (baseline ``sdpa_x2``: ``F.scaled_dot_product_attention`` causal + full, LlamaGen's
-BHSD views of one fused qkv): ``mirai_<face>`` (one call, both outputs), ``flex_x2`` (FlexAttention, compiled, two
+BHSD views of one fused qkv): ``mirai_<backend>`` (one call, both outputs), ``flex_x2`` (FlexAttention, compiled, two
 block masks; forward only on CPU, where its backward is not implemented), ``naive_eager`` (masked softmax
 attention written out, twice). A second table compares the causal-only mode (``outputs="causal"``) with
 ``sdpa_causal``.

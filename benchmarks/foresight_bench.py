@@ -8,11 +8,11 @@ Two parts (``--parts``):
 
 * ``fused``: the heads' last ``Linear(hidden -> Z)`` + shifted cosine loss. Baseline ``eager``: Linear per head,
   then per head slice, cat with the prefix, normalize both, multiply, mean (the paper code). Providers:
-  ``mirai_<face>`` = :func:`mirai_kernels.fused_linear_cosine_loss` (gradients in the forward pass);
-  ``unfused_<face>`` = einsum + :func:`mirai_kernels.foresight_cosine_loss`; ``recompute_<face>`` = the rejected
+  ``mirai_<backend>`` = :func:`mirai_kernels.fused_linear_cosine_loss` (gradients in the forward pass);
+  ``unfused_<backend>`` = einsum + :func:`mirai_kernels.foresight_cosine_loss`; ``recompute_<backend>`` = the rejected
   alternative (same cosine kernels, projection recomputed chunk by chunk in backward), kept to re-measure the choice.
 * ``heads``: the whole K-head MLP + loss. Baseline ``paper_eager``: K separate ``nn.Sequential`` MLPs on the full
-  hidden state, then the same eager loss. Providers: ``ForesightHeads`` per face, with ``recompute`` off and on.
+  hidden state, then the same eager loss. Providers: ``ForesightHeads`` per backend, with ``recompute`` off and on.
 
 Each provider is timed forward + backward (gradients w.r.t. the input and all weights). Memory per provider:
 ``saved_bytes`` = bytes autograd saves for backward (``saved_tensors_hooks``, by storage, parameters included),
@@ -82,7 +82,7 @@ def face_reason(op, face, device, dtype):
     if reason is None and face == "triton" and B.triton_interpreted():
         reason = "interpreted Triton is a correctness tool, not timed"
     if reason is None and face == "triton" and dtype == torch.float64:
-        reason = "no fp64 Triton face"
+        reason = "no fp64 Triton backend"
     return reason
 
 

@@ -14,8 +14,8 @@
 #   build  both extensions, CUDA compile-only (MIRAI_CUDA=1, sm_90), against torch 2.11; both must import
 #   aot    every shipped Triton kernel configuration compiled for sm_90 with Triton 3.6
 #          (python -m mirai_kernels.triton.aot_check)
-#   selftest  python -m mirai_kernels.selftest --device cpu: the C++ faces and Triton 3.6's interpreter
-#   tests  the CPU test suite (Triton 3.6's interpreter, the C++ faces), every test reported
+#   selftest  python -m mirai_kernels.selftest --device cpu: the C++ backends and Triton 3.6's interpreter
+#   tests  the CPU test suite (Triton 3.6's interpreter, the C++ backends), every test reported
 #          (venv and copy always run; --stages picks among the others)
 # Each stage is timed and logged to $MIRAI_PREFLIGHT_DIR/<stage>.log (default /tmp/mirai-preflight); a failing
 # stage does not stop the later ones that do not depend on it.
@@ -36,7 +36,7 @@ TRITON_PIN=${MIRAI_PREFLIGHT_TRITON:-3.6.0}
 TORCHVISION_PIN=${MIRAI_PREFLIGHT_TORCHVISION:-0.26.0}  # the torchvision built for torch 2.11 (the GPU machines')
 TEST_TIMEOUT=${MIRAI_PREFLIGHT_TEST_TIMEOUT:-3000}
 # What .ci/setup installs besides torch: the test and evaluation dependencies (torch-fidelity needs torchvision).
-EXTRA_PKGS=(numpy einops tqdm pytest pytest-timeout matplotlib torch-fidelity==0.4.0 "torchvision==$TORCHVISION_PIN")
+EXTRA_PKGS=(numpy tqdm pytest pytest-timeout matplotlib torch-fidelity==0.4.0 "torchvision==$TORCHVISION_PIN")
 mkdir -p "$WORK"
 : > "$WORK/summary.txt"
 failed=0
@@ -68,7 +68,7 @@ find_python312() {
 
 make_venv() {
   if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - "$TORCH_PIN" "$TRITON_PIN" <<'PY'
-import sys, torch, triton, pytest, numpy, einops, torch_fidelity, torchvision, matplotlib  # noqa: F401
+import sys, torch, triton, pytest, numpy, torch_fidelity, torchvision, matplotlib  # noqa: F401
 assert sys.version_info[:2] == (3, 12), sys.version
 assert torch.__version__.split("+")[0] == sys.argv[1], torch.__version__
 assert triton.__version__ == sys.argv[2], triton.__version__
@@ -119,7 +119,7 @@ aot() {
 }
 
 selftest() {
-  # Every fast face that runs on CPU against the reference, Triton's under the 3.6 interpreter; records nothing.
+  # Every fast backend that runs on CPU against the reference, Triton's under the 3.6 interpreter; records nothing.
   cd "$WORK/src" && TRITON_INTERPRET=1 timeout 900 "$VENV/bin/python" -m mirai_kernels.selftest --device cpu --no-record
 }
 

@@ -4,13 +4,13 @@
     python benchmarks/record_gpu_results.py --check    # exit 1 if the block is not what the results say (CI)
 
 Reads every ``benchmarks/results/*/summary.json`` written by ``benchmarks/gpu_suite.sh``. Each ``pytest -m gpu``
-test is attributed to (op, face): the op from its file (:data:`FILE_OPS`), the face from its parameters
-(``...[...-triton]``), else from its name (``test_triton_...``), else every GPU face of the op. On the run's device
-kind (``environment.device_kind``, e.g. ``sm_90``) an op/face is validated when at least one of its tests passed and
+test is attributed to (op, backend): the op from its file (:data:`FILE_OPS`), the backend from its parameters
+(``...[...-triton]``), else from its name (``test_triton_...``), else every GPU backend of the op. On the run's device
+kind (``environment.device_kind``, e.g. ``sm_90``) an op/backend is validated when at least one of its tests passed and
 none failed or errored; skipped tests count for neither. A run whose pytest step timed out, or whose outcomes were
 read from the log of a killed pytest, validates nothing (some tests never ran). The newest run per device kind
 decides (a later failing run revokes an earlier pass); ``GPU_VALIDATED`` names the newest result file that
-validates the op/face, ``GPU_VALIDATED_ON`` every device kind whose newest run does.
+validates the op/backend, ``GPU_VALIDATED_ON`` every device kind whose newest run does.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BEGIN = "# BEGIN GPU_VALIDATED"
 END = "# END GPU_VALIDATED"
 
-# Which ops each GPU test file tests; and the GPU faces each op has (mirai_kernels/ops/*.py register them).
+# Which ops each GPU test file tests; and the GPU backends each op has (mirai_kernels/ops/*.py register them).
 FILE_OPS = {
     "tests/test_rope.py": ("apply_rope_2d",),
     "tests/test_decode.py": ("decode_attention",),
@@ -46,14 +46,14 @@ GPU_FACES = ("triton", "cuda")
 
 
 def attribute(test_id: str) -> list[tuple[str, str]]:
-    """The (op, face) pairs one test's outcome speaks for; [] for tests of no single op (models, ...)."""
+    """The (op, backend) pairs one test's outcome speaks for; [] for tests of no single op (models, ...)."""
     path, _, name = test_id.partition("::")
     ops = FILE_OPS.get(path)
     if not ops:
         return []
     base, _, params = name.partition("[")
     param_faces = [t for t in re.split(r"[-\]]", params) if t in GPU_FACES]
-    # Only "triton" is read from a name: "cuda" in a name means CUDA graphs or devices, not the face.
+    # Only "triton" is read from a name: "cuda" in a name means CUDA graphs or devices, not the backend.
     name_faces = [t for t in base.split("_") if t == "triton"]
     pairs = []
     for op in ops:
@@ -63,7 +63,7 @@ def attribute(test_id: str) -> list[tuple[str, str]]:
 
 
 def verdicts_of(summary: dict) -> dict[tuple[str, str], bool] | None:
-    """(op, face) -> validated, for one suite run; None when the run can validate nothing."""
+    """(op, backend) -> validated, for one suite run; None when the run can validate nothing."""
     steps = {s.get("name"): s for s in summary.get("steps", [])}
     pytest_step = steps.get("pytest_gpu")
     if not pytest_step or pytest_step.get("timed_out") or pytest_step.get("rc") not in (0, 1):
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             print("record_gpu_results: GPU_VALIDATED in backend.py does not match the committed results; run "
                   "`python benchmarks/record_gpu_results.py`", file=sys.stderr)
             return 1
-        print(f"GPU_VALIDATED up to date ({len(validated)} op/face entries)")
+        print(f"GPU_VALIDATED up to date ({len(validated)} op/backend entries)")
         return 0
     with open(args.backend, "w") as f:
         f.write(new)

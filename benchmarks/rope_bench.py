@@ -1,4 +1,4 @@
-"""2D RoPE on q and k of a LlamaGen block: every face of ``apply_rope_2d`` beside LlamaGen's eager formula.
+"""2D RoPE on q and k of a LlamaGen block: every backend of ``apply_rope_2d`` beside LlamaGen's eager formula.
 
     python benchmarks/rope_bench.py                       # CPU defaults: GPT-B heads, 16x16 and 24x24 grids
     python benchmarks/rope_bench.py --batch 32 --heads 16 --head-dim 64 --grids 16 --json out.json
@@ -73,7 +73,7 @@ def main(argv=None):
             if face == "triton" and B.triton_interpreted():
                 reason = "interpreted Triton is a correctness tool, not timed"
             if reason is None and face == "triton" and dtype == torch.float64:
-                reason = "no fp64 Triton face"
+                reason = "no fp64 Triton backend"
             providers[f"mirai_{face}"] = (None, reason) if reason else wrap(
                 lambda t, tab, face=face: mk.apply_rope_2d(t, tab, backend=face))
         return providers

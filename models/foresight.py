@@ -5,7 +5,7 @@ Each objective is an ``nn.Module`` holding its training-only parts (foresight he
 * ``loss(model, idx, labels, targets, step) -> (loss, metrics)`` — one straight line: GPT forward (hidden state at
   block ``l`` kept) -> targets -> heads through the fused cosine loss;
 
-Schedule (MIRAI_SPEC.md): ``loss = NTP + c(step) * sum_k lambda_k * L_k``; ``c`` is 0 during the warm-up (a hard
+Schedule (docs/method.md, "Loss schedule"): ``loss = NTP + c(step) * sum_k lambda_k * L_k``; ``c`` is 0 during the warm-up (a hard
 switch; the heads stay in the graph with a zero-valued term, as DDP requires) and halves from ``halve_at`` on —
 for Mirai-E only: the official Mirai-I keeps its multiplier at 1.0 in both branches, so ``mirai-i`` (and our
 ``mirai-s``) never halve, whatever ``halve_at`` says.

@@ -3,7 +3,7 @@
     python -m models.train --model tiny --objective mirai-e --data shapes --steps 300 --out runs/x
 
 A training step is a straight line: batch -> GPT forward (hidden state at block l kept) -> objective (foresight
-heads through the fused cosine loss) -> backward -> clip -> AdamW -> EMA refresh. Recipe (MIRAI_SPEC.md): AdamW
+heads through the fused cosine loss) -> backward -> clip -> AdamW -> EMA refresh. Recipe (docs/method.md): AdamW
 betas (0.9, 0.95), weight decay 0.05 on weight matrices only (:func:`param_groups`), constant lr, clip 1.0, bf16
 autocast for the student on GPU (teacher / encoder in fp32), EMA teacher.
 
@@ -118,7 +118,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167  # -> 5004 steps per epoch at batch 256 (drop_
 
 
 def paper_recipe(model: str, objective: str) -> dict:
-    """The official Mirai configuration of one run of the paper's table, as train.py flag values (MIRAI_SPEC.md,
+    """The official Mirai configuration of one run of the paper's table, as train.py flag values (docs/method.md,
     "The official recipe"; the official ``train_c2i_Mirai_{E,I}.py`` defaults and README commands): LlamaGen-B/L/XL
     on ImageNet 256 codes, global batch 256, AdamW lr 1e-4 constant, betas (0.9, 0.95) (fixed in this CLI), wd 0.05
     on weight matrices, clip 1.0, EMA 0.9999 every optimizer step, dropout 0.1 (token, residual, FFN) and class
@@ -140,7 +140,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="default", choices=RECIPES,
                    help="paper: the official configuration of --model B|L|XL with --objective none|mirai-e|mirai-i "
-                   "(MIRAI_SPEC.md); any flag given explicitly overrides it. default: the toy CPU defaults below")
+                   "(docs/method.md); any flag given explicitly overrides it. default: the toy CPU defaults below")
     p.add_argument("--print-config", action="store_true", help="print the fully resolved configuration as JSON "
                    "and exit (the same JSON is stored in every checkpoint and atop metrics.jsonl)")
     p.add_argument("--model", default="tiny", choices=sorted(PRESETS))

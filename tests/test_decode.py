@@ -386,7 +386,7 @@ def test_raw_cpp_op_checks_its_inputs():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Non-finite inputs, bad scales, aliased caches, empty inputs (issue 17)
+# Non-finite inputs, bad scales, aliased caches, empty inputs (README, "Guarantees")
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -418,7 +418,7 @@ def test_nan_in_q_or_a_visible_key_propagates_like_sdpa(face, where):
 # The Triton kernel weights the window's future values by p = 0 inside tl.dot (0 * NaN = NaN); its body is
 # another change's (tests/test_fuzz.py TRITON_DECODE_GAPS).
 _TRITON_WINDOW_GAP = pytest.mark.xfail(reason="Triton decode: a new value reaches earlier queries of its window "
-                                              "(issue 17)", strict=True)
+                                              "(README, known gaps)", strict=True)
 
 
 @pytest.mark.parametrize("face", CPU_FACES)

@@ -460,7 +460,7 @@ def test_broadcast_inputs_and_upstream_grads(face):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Non-finite inputs, double backward, interpreted bf16, empty inputs (issue 17)
+# Non-finite inputs, double backward, interpreted bf16, empty inputs (README, "Guarantees")
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -487,7 +487,7 @@ def test_nan_in_q_propagates_like_sdpa(face):
 
 # The interpreted Triton kernels still let a future value reach the causal rows before it and give NaN for a row
 # whose scores are all -inf (kernel bodies are another change's; see tests/test_fuzz.py TRITON_DUAL_GAPS).
-_TRITON_GAP = pytest.mark.xfail(reason="Triton dual kernels: masked-value and all--inf rows (issue 17)", strict=True)
+_TRITON_GAP = pytest.mark.xfail(reason="Triton dual kernels: masked-value and all--inf rows (README, known gaps)", strict=True)
 
 
 @pytest.mark.parametrize("face", [pytest.param(f, marks=_TRITON_GAP) if f == "triton" else f for f in FACES])

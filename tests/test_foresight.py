@@ -593,7 +593,7 @@ def test_gpu_foresight_heads_triton_matches_paper_eager(recompute):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Empty batches, double backward, interpreted bf16 (issue 17)
+# Empty batches, double backward, interpreted bf16 (README, "Guarantees")
 # ---------------------------------------------------------------------------------------------------------
 
 

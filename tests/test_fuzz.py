@@ -140,7 +140,7 @@ def refused(face, dtype, fp64_faces):
 
 
 # The Triton decode kernel weights a new value by p = 0 for the earlier queries of its window inside tl.dot, so a
-# NaN there reaches them: skipped for it until its kernel follows the rule (reported, issue 17; strict xfail in
+# NaN there reaches them: skipped for it until its kernel follows the rule (a known gap in the README; strict xfail in
 # tests/test_decode.py).
 TRITON_DECODE_GAPS = ("masked",)
 
@@ -243,7 +243,7 @@ def test_fuzz_decode_attention(face, seed):
 # ---------------------------------------------------------------------------------------------------------
 
 # The interpreted Triton face lets a future key/value reach causal rows and gives NaN (not zeros) for a row whose
-# scores are all -inf; these two draws are skipped for it until its kernels follow the rule (reported, issue 17).
+# scores are all -inf; these two draws are skipped for it until its kernels follow the rule (a known gap in the README).
 TRITON_DUAL_GAPS = ("masked", "neg_inf_q")
 
 

@@ -1,4 +1,4 @@
-"""A LlamaGen user's first contact (issue 14): a sampler that is right, precision casts that work, a drop-in
+"""A LlamaGen user's first contact: a sampler that is right, precision casts that work, a drop-in
 ``ForesightAttention`` inside LlamaGen's own Transformer, LlamaGen's calls, presets and checkpoint layouts.
 
 The LlamaGen-structured model below is written here from LlamaGen's definition (``autoregressive/models/gpt.py``
@@ -75,7 +75,8 @@ def test_filtered_tokens_never_sampled_under_extreme_uniforms():
 
 
 def test_top_k_1_sampling_equals_greedy_over_100k_draws():
-    """The issue's measurement: at vocab 16384 about one draw in 1024 escaped top_k=1 before the fix."""
+    """At vocab 16384 about one draw in 1024 escaped top_k=1 when the uniforms could round to 1.0 (docs/method.md,
+    "Decoding and sampling"): 100k draws must all be the argmax."""
     torch.manual_seed(0)
     logits = torch.randn(1024, 16384)
     greedy = logits.argmax(-1)
@@ -87,7 +88,7 @@ def test_top_k_1_sampling_equals_greedy_over_100k_draws():
 
 
 def test_top_p_zero_keeps_the_most_likely_token():
-    """``--top-p 0`` (issue 17) must be greedy, as in LlamaGen, not 'drop everything, emit token 0'."""
+    """``--top-p 0`` must be greedy, as in LlamaGen, not 'drop everything, emit token 0'."""
     torch.manual_seed(1)
     logits = torch.randn(32, 100)
     logits[:, 0] = -50  # token 0 is the least likely everywhere: the old result (all -inf -> argmax 0) fails

@@ -1,5 +1,5 @@
 """The shipped checkpoint (models/pretrained/shapes8-micro): loads through the one safe loader and samples images
-with real structure, so the README's main job shows a result worth looking at (issue 17)."""
+with real structure, so the README's main job shows a result worth looking at."""
 
 import json
 import os
@@ -30,6 +30,6 @@ def test_shipped_checkpoint_samples_structured_images(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     line = next(l for l in run.stdout.splitlines() if l.startswith("structure:"))
     ok, n = map(int, line.split()[1].split("/"))
-    # Untrained models score ~0/40 (the issue's 300-step run: 0/40); the shipped one 28/40 at the default seed.
+    # Untrained models score ~0/40 (the quickstart's 300-step run: 0/40); the shipped one 28/40 at the default seed.
     assert n == 40 and ok >= 20, line
     assert str(out) in run.stdout  # the full path is printed

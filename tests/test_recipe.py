@@ -1,5 +1,5 @@
 """The paper's recipe, pinned against the official Mirai training scripts' behaviour, each rule written from its
-definition (MIRAI_SPEC.md, "The official recipe"): λ schedules, projector width, fp32 targets, weight-decay groups,
+definition (docs/method.md, "The official recipe"): λ schedules, projector width, fp32 targets, weight-decay groups,
 epoch-based switches, DINOv2 preparation and the ``--recipe paper`` presets."""
 
 import json

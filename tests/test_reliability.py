@@ -1,4 +1,4 @@
-"""Reliability and security of the model layer's files and command lines (issue 17): checkpoints load under one
+"""Reliability and security of the model layer's files and command lines (README, "Guarantees"): checkpoints load under one
 safe policy, harmful CLI values are refused at parse time with the flag and its range, and a resumed run neither
 loses nor repeats anything."""
 

@@ -308,7 +308,7 @@ def test_gpu_faces_match_fp64(face, dtype, shape):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Non-finite and empty inputs, interpreted bf16 (issue 17)
+# Non-finite and empty inputs, interpreted bf16 (README, "Guarantees")
 # ---------------------------------------------------------------------------------------------------------
 
 
