@@ -59,6 +59,18 @@ def spread(values):
     return dict(mean=float(t.mean()), std=float(t.std()) if len(values) > 1 else 0.0, values=list(values))
 
 
+@torch.no_grad()
+def entropy_nats(model, labels, tokens, cfg_scale, temperature):
+    """Mean entropy (nats) of the sampling distributions along ``tokens`` (teacher-forced, guidance and temperature
+    as sampled; top-k/top-p ignored): how peaked the model is, which is what acceptance depends on."""
+    logits, _ = model(tokens[:, :-1], labels)
+    if cfg_scale > 1:
+        uncond, _ = model(tokens[:, :-1], torch.full_like(labels, model.null_class))
+        logits = uncond + cfg_scale * (logits - uncond)
+    logp = (logits.float() / max(temperature, 1e-6)).log_softmax(-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
 def quality(model, settings, args, device, sampling):
     """FID / KID / structure (built-in classifier features, models.evaluate.Scorer) of plain and speculative samples
     of the same labels, per sampling seed: the seed spread is the yardstick for "same quality"."""
@@ -133,6 +145,10 @@ def main(argv=None):
     times = [timed(lambda: plain(b, args.seed + i), device)[1:] for i, b in enumerate(batches)]
     wall, cpu = sum(t[0] for t in times), sum(t[1] for t in times)
     labels_all = torch.cat(batches)
+    first = batches[0].to(device)
+    entropy = entropy_nats(model, first, plain(batches[0], args.seed), args.cfg_scale, args.temperature)
+    print(f"mean entropy of the sampling distributions along plain samples: {entropy:.3f} nats "
+          f"(uniform: {torch.log(torch.tensor(float(config.vocab_size))):.3f})")
     results = [dict(name="plain", window=1, init=None, calls_mean=float(n), calls_min=n, calls_max=n,
                     calls_p50=float(n), calls_hist={str(n): args.images}, batch_calls_mean=float(n),
                     wall_s=None if args.no_time else wall, cpu_s=None if args.no_time else cpu,
@@ -187,7 +203,8 @@ def main(argv=None):
             settings.append((f"jacobi-w{w}-{init}", dict(speculative="jacobi", window=int(w), draft_init=init)))
         extra["quality"] = quality(model, settings, args, device, sampling)
     write_json(args.json, "spec_bench", args, device, results,
-               notes={**extra,"model": dict(dim=config.dim, n_layer=config.n_layer, vocab=config.vocab_size,
+               notes={**extra, "entropy_nats": entropy,
+                      "entropy": "mean entropy of the sampling distributions along plain samples (teacher-forced)","model": dict(dim=config.dim, n_layer=config.n_layer, vocab=config.vocab_size,
                                     grid=list(config.grid), ckpt=args.ckpt),
                       "calls": "per image, prefill included; plain = H*W",
                       "ratio_calls": "plain calls / speculative calls (mean per image)",

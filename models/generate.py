@@ -44,6 +44,14 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_hash32` in place: the sampler hashes one value per vocabulary entry per row, and on CPU the
+    temporaries of the out-of-place form cost as much as the arithmetic."""
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 16)
+
+
 def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
     """32-bit values (int64 tensor) -> fp32 uniforms strictly inside (0, 1).
 
@@ -67,8 +75,8 @@ class DeviceRNG:
         """fp32 uniform samples in (0, 1); advances the stream."""
         self.counter += 1
         index = torch.arange(torch.Size(shape).numel(), device=self.key.device).view(shape)
-        bits = _hash32(index ^ _hash32(self.key ^ _hash32(self.counter & _MASK32)))
-        return bits_to_uniform(bits)
+        index ^= _hash32(self.key ^ _hash32(self.counter & _MASK32))
+        return bits_to_uniform(_hash32_(index))
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
@@ -78,21 +86,17 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: 
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        # Only the top_k survivors can be drawn, so only they get noise: k uniforms per row instead of V (2000 of
-        # 16384 at LlamaGen's top_k), and a removed token cannot win by construction. top-p then applies among
-        # the survivors, as filter_logits does after its top-k mask. Ties at the k-th value keep exactly k.
-        values, indices = torch.topk(logits, top_k, dim=-1)
-        values = filter_logits(values, 0, top_p)
-        pick = (values + _gumbel(rng, values.shape)).argmax(-1, keepdim=True)
-        return indices.gather(-1, pick).squeeze(-1)
-    return (filter_logits(logits, 0, top_p) + _gumbel(rng, logits.shape)).argmax(-1)
+    # LlamaGen's top-k keeps every token whose logit reaches the k-th largest value, so a tie at the k-th value
+    # keeps more than k tokens (common with bf16 logits at vocab 16384: 8 mantissa bits); hence the mask over the
+    # whole vocabulary rather than noise on torch.topk's k survivors, which would keep exactly k and pick among the
+    # tied ones by position. A removed (-inf) token cannot win: the Gumbel noise is finite everywhere.
+    return (filter_logits(logits, top_k, top_p) + _gumbel(rng, logits.shape)).argmax(-1)
 
 
 def _gumbel(rng: DeviceRNG, shape) -> torch.Tensor:
     """Standard Gumbel noise, finite everywhere because the uniforms lie strictly inside (0, 1): a filtered
     (-inf) logit stays -inf after the noise is added."""
-    return -torch.log(-torch.log(rng.uniform(shape)))
+    return rng.uniform(shape).log_().neg_().log_().neg_()
 
 
 def seed_from(generator: Optional[torch.Generator]) -> int:
@@ -175,7 +179,7 @@ def generate(model, cond: torch.Tensor, max_new_tokens: Optional[int] = None, em
              cfg_scale: float = 1.0, cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, sample_logits: bool = True, *, generator: Optional[torch.Generator] = None,
              cuda_graph: Optional[bool] = None, speculative: Optional[str] = None, window: int = 16,
-             draft_init: str = "prior") -> torch.Tensor:
+             draft_init: str = "adaptive") -> torch.Tensor:
     """Sample image tokens per class label; LlamaGen's ``generate`` call works as it is.
 
     ``generate(model, cond, max_new_tokens, emb_masks=None, cfg_scale=1.0, cfg_interval=-1, temperature=1.0,
@@ -201,8 +205,9 @@ def generate(model, cond: torch.Tensor, max_new_tokens: Optional[int] = None, em
         cuda_graph: capture the decode step in a CUDA graph (default: on for CUDA models).
         speculative: ``None`` = one model call per token; ``"jacobi"`` = lossless speculative Jacobi decoding
             (:mod:`models.speculative`): the same distribution in fewer calls, ``window`` tokens verified per call
-            (``window - 1`` drafts, initialised by ``draft_init``: ``"prior"`` the token above, ``"left"`` the
-            token to the left, or ``"random"``).
+            (``window - 1`` drafts, initialised by ``draft_init``: ``"adaptive"``, the default, copies from the
+            neighbour offset that agrees best with the tokens so far; ``"prior"`` the token above, ``"left"`` the
+            token to the left, ``"random"``; see :mod:`models.speculative`).
     Return:
         tokens: ``(B, max_new_tokens)`` raster order; ``torch.int`` when ``max_new_tokens`` is passed, else int64.
     """

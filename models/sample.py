@@ -34,8 +34,12 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    "Jacobi decoding (the same distribution in fewer model calls; models/speculative.py)")
     p.add_argument("--window", type=int_at_least(2), default=16, help="--speculative jacobi: tokens verified per "
                    "model call (the last token + window - 1 drafts), >= 2")
-    p.add_argument("--draft-init", choices=["prior", "left", "random"], default="prior", help="--speculative jacobi: "
-                   "drafts start as the token above (prior), the token to the left (left) or uniform random tokens")
+    p.add_argument("--draft-init", choices=["prior", "left", "random", "prior-reset", "left-reset", "adaptive"],
+                   default="adaptive",
+                   help="--speculative jacobi: drafts start as the token above (prior), the token to the left (left) "
+                   "or uniform random tokens; -reset: the window redrafted from that prior after every call instead "
+                   "of the Jacobi redraft; adaptive: copy from the neighbour offset that agrees best with the tokens "
+                   "so far")
 
 
 def sampling_kwargs(args) -> dict:

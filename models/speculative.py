@@ -15,7 +15,14 @@ each draft's q is remembered for its verification. Positions past the old window
 (``init``): ``"random"`` (uniform q), ``"prior"``, the spatial prior: the token above (the token to the left on
 the first image row), or ``"left"``, the token to the left (so every fresh draft repeats the last known token),
 each drafted deterministically, i.e. q a point mass on it -- a well-defined q for which the test accepts with
-probability p(prior token) and the residual is p with that token removed.
+probability p(prior token) and the residual is p with that token removed. ``"prior-reset"`` / ``"left-reset"``
+drop the Jacobi redraft: after every call the whole window is drafted afresh from that prior of the new committed
+prefix (the prior as a draft model; Jacobi redrafts come from p under stale drafts, which is poor where each token
+depends on its left neighbour, as in stripes and checkerboards). ``"adaptive"`` (the default, chosen by
+measurement: benchmarks/results/spec_bench_shipped_*): per row, the raster offset among left, above, above-left,
+above-right, two left, two above whose copies agree most often with that row's committed tokens; fresh drafts copy
+from it, and where that agreement is at least ``ADAPTIVE_TRUST`` the whole window is redrafted from it after every
+call (reset), elsewhere by Jacobi. Every choice is a function of committed tokens, so each q stays known.
 
 Rollback is free: a call writes K/V at cache rows ``cache_seqlens .. cache_seqlens + window - 1`` (the decode
 kernel's append), but ``cache_seqlens`` advances only by the committed count, so the rows of rejected drafts lie
@@ -38,7 +45,9 @@ import torch
 
 from .generate import DeviceRNG, filter_logits, seed_from
 
-INITS = ("prior", "left", "random")
+INITS = ("prior", "left", "random", "prior-reset", "left-reset", "adaptive")
+# "adaptive": copy from the raster offset whose copies agree best with the committed tokens so far
+ADAPTIVE_TRUST = 0.8  # agreement at or above which the window is redrafted from that offset instead of by Jacobi
 
 
 class JacobiStep:
@@ -53,7 +62,9 @@ class JacobiStep:
         self.model, self.batch, self.window, self.guided = model, batch, window, guided
         self.cfg_scale, self.cfg_interval = cfg_scale, cfg_interval
         self.temperature, self.top_k, self.top_p, self.rng = temperature, top_k, top_p, rng
-        self.init, self.rule = init, rule
+        # "<init>-reset": no Jacobi redraft; after every call the whole window is drafted afresh from the spatial
+        # prior of the new committed prefix (the prior as a draft model).
+        self.init, self.reset, self.rule = init.removesuffix("-reset"), init.endswith("-reset"), rule
         self.n_tokens, self.prefix = config.block_size, config.cls_token_num
         self.grid_w, self.vocab = config.grid[1], config.vocab_size
         W, N, V = window, self.n_tokens, self.vocab
@@ -75,6 +86,10 @@ class JacobiStep:
         self.calls = torch.zeros(batch, dtype=torch.int32, device=device)  # calls until each row finished
         self.done = torch.zeros((), dtype=torch.bool, device=device)
         self.arange_w = torch.arange(W, device=device)
+        gw = self.grid_w
+        # Adaptive prior's candidates, as raster offsets: left, above, above-left, above-right, two left, two above.
+        self.offsets = torch.tensor([1, gw, gw + 1, gw - 1, 2, 2 * gw], device=device)
+        self.conf = torch.zeros(batch, device=device)  # adaptive: the chosen offset's agreement
 
     # -- distributions ------------------------------------------------------------------------------------------
 
@@ -107,6 +122,8 @@ class JacobiStep:
         if self.init == "random":
             tokens = (self.rng.uniform(pos.shape) * V).long().clamp_(max=V - 1)
             return tokens, torch.full((*pos.shape, V), 1.0 / V, device=pos.device)
+        if self.init == "adaptive":
+            return self._copy_drafts(pos, first)
         if self.init == "left":
             # The token to the left, chained back to the last known one (first - 1): every fresh draft repeats it.
             tokens = self.seq.gather(1, (first - 1)[:, None].expand(-1, W - 1))
@@ -115,6 +132,24 @@ class JacobiStep:
         # first image row the token to the left, which chains back to first - 1.
         above = pos - self.grid_w * torch.div(pos - first[:, None] + self.grid_w, self.grid_w, rounding_mode="floor")
         ref = torch.where((pos >= self.grid_w) & (above >= 0), above, first[:, None] - 1)
+        tokens = self.seq.gather(1, ref)
+        return tokens, torch.nn.functional.one_hot(tokens, V).float()
+
+    def _copy_drafts(self, pos: torch.Tensor, first: torch.Tensor):
+        """Adaptive prior: per row, the offset d (of ``self.offsets``) whose copies ``seq[t - d] == seq[t]`` agree
+        most often over the committed tokens t < n (a function of the committed tokens alone, so a valid q); each
+        draft copies the token d back, chained back by d until it lands below ``first``; ``self.conf`` = that
+        agreement."""
+        N, V = self.n_tokens, self.vocab
+        t = torch.arange(self.seq.shape[1], device=pos.device)
+        src = t[None, :] - self.offsets[:, None]  # (C, L)
+        same = self.seq[:, None, :] == self.seq[:, src.clamp(min=0)]  # (B, C, L)
+        valid = (src >= 0)[None] & (t[None, None, :] < self.n[:, None, None].clamp(max=N))
+        agree = (same & valid).sum(-1) / valid.sum(-1).clamp(min=1)  # (B, C)
+        self.conf, best = agree.max(-1)
+        d = self.offsets[best][:, None]
+        ref = pos - d * (torch.div(pos - first[:, None], d, rounding_mode="floor") + 1)
+        ref = torch.where(ref >= 0, ref, first[:, None] - 1)
         tokens = self.seq.gather(1, ref)
         return tokens, torch.nn.functional.one_hot(tokens, V).float()
 
@@ -190,6 +225,15 @@ class JacobiStep:
         slot = (r[:, None] + 1 + k)[..., None].expand(-1, -1, q.shape[-1])
         new_q = torch.cat([p, fresh_q], 1).gather(1, slot)
         self.q[:, : W - 1] = torch.where(live[:, None, None], new_q, q[:, : W - 1])
+        if self.reset or self.init == "adaptive":
+            # Overwrites the redrafts above: the new window's drafts from the prior (reads only committed tokens
+            # below n_new, then the chain it builds); its point-mass q replaces the remembered ones. Adaptive: only
+            # in rows whose best offset agrees often enough with their committed tokens (Jacobi elsewhere).
+            self.n.copy_(n_new)
+            reset_tokens, reset_q = self.fresh(n_new)
+            redo = live if self.reset else live & (self.conf >= ADAPTIVE_TRUST)
+            self.seq.scatter_(1, torch.where(redo[:, None], n_new[:, None] + k, self.sink), reset_tokens)
+            self.q[:, : W - 1] = torch.where(redo[:, None, None], reset_q, self.q[:, : W - 1])
         self.n.copy_(n_new)
         self.cache_seqlens += (count.repeat(2) if self.guided else count).int()
         self.done.copy_((n_new >= N).all())
@@ -228,7 +272,7 @@ def _capture(step: JacobiStep):
 
 
 @torch.no_grad()
-def speculative_generate(model, labels: torch.Tensor, n_tokens: int, *, window: int = 16, init: str = "prior",
+def speculative_generate(model, labels: torch.Tensor, n_tokens: int, *, window: int = 16, init: str = "adaptive",
                          cfg_scale: float = 1.0, cfg_interval: float = -1, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, generator: Optional[torch.Generator] = None,
                          cuda_graph: Optional[bool] = None, check_every: int = 4, return_stats: bool = False,

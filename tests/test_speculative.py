@@ -80,6 +80,10 @@ CASES = {
     "w4-prior-cfg-topk": dict(window=4, init="prior", cfg_scale=2.5, top_k=3),
     # the left prior (every fresh draft repeats the last known token), CFG
     "w3-left-cfg": dict(window=3, init="left", cfg_scale=2.0),
+    # no Jacobi redraft: the window redrafted from the spatial prior after every call
+    "w3-prior-reset-cfg": dict(window=3, init="prior-reset", cfg_scale=2.0),
+    # the adaptive copy prior (offset chosen from the committed tokens; Jacobi or reset per row)
+    "w3-adaptive": dict(window=3, init="adaptive"),
     # window > H*W (the dead tail), cfg_interval switching guidance off inside the window, top-p and temperature
     "w6-prior-cfg-interval-topp": dict(window=6, init="prior", cfg_scale=2.0, cfg_interval=0, top_p=0.9,
                                        temperature=1.5),
@@ -138,7 +142,8 @@ def big_vocab_gpt(seed=0):
 
 
 @pytest.mark.parametrize("window,init,cfg_scale", [(2, "random", 3.0), (4, "prior", 1.0), (8, "prior", 3.0),
-                                                    (5, "left", 3.0), (32, "random", 1.0)])
+                                                    (5, "left", 3.0), (6, "prior-reset", 3.0), (7, "adaptive", 3.0),
+                                                    (32, "random", 1.0)])
 def test_greedy_matches_plain_greedy(window, init, cfg_scale):
     """temperature 0 (and top_k = 1 at temperature 1): token-identical to plain greedy decoding at vocab 16384,
     for windows shorter and longer than H*W = 16."""
