@@ -3,7 +3,9 @@
 Each objective is an ``nn.Module`` holding its training-only parts (foresight heads, EMA teacher hooks) with
 
 * ``loss(model, idx, labels, targets, step) -> (loss, metrics)`` — one straight line: GPT forward (hidden state at
-  block ``l`` kept) -> targets -> heads through the fused cosine loss;
+  block ``l`` kept) -> targets -> heads through the fused cosine loss; the metrics as Python numbers;
+* ``loss_terms(...)``, the same with the metrics left on the device (no host sync; the training loop's call, read
+  by :func:`read_metrics` at its log interval);
 
 Schedule (docs/method.md, "Loss schedule"): ``loss = NTP + c(step) * sum_k lambda_k * L_k``; ``c`` is 0 during the warm-up (a hard
 switch; the heads stay in the graph with a zero-valued term, as DDP requires) and halves from ``halve_at`` on —
@@ -79,8 +81,15 @@ class Objective(nn.Module):
         self.ema = ema
 
     def loss(self, model, idx, labels, targets, step: int, features=None):
+        """``(loss, metrics)`` with the metrics as Python numbers (read to the host at once: one sync)."""
+        loss, metrics = self.loss_terms(model, idx, labels, targets, step, features)
+        return loss, read_metrics([metrics])[0]
+
+    def loss_terms(self, model, idx, labels, targets, step: int, features=None):
+        """``(loss, metrics)`` with no host sync: the metrics are detached device tensors (or Python numbers), read
+        by :func:`read_metrics` when they are logged (the training loop reads them only at its log interval)."""
         _, loss = model(idx, labels, targets)
-        return loss, {"ntp": loss.item()}
+        return loss, {"ntp": loss.detach()}
 
 
 class ForesightObjective(Objective):
@@ -110,7 +119,7 @@ class ForesightObjective(Objective):
         unless ``teacher_autocast`` keeps the caller's autocast."""
         return contextlib.nullcontext() if self.teacher_autocast else torch.autocast(device_type, enabled=False)
 
-    def loss(self, model, idx, labels, targets, step: int, features=None):
+    def loss_terms(self, model, idx, labels, targets, step: int, features=None):
         logits, ntp, extras = model(idx, labels, targets, **self.student_kwargs())
         out = {"logits": logits, "loss": ntp, **extras}
         with torch.no_grad(), self.target_precision(idx.device.type):
@@ -118,8 +127,9 @@ class ForesightObjective(Objective):
         total, per_head = self.heads(out["hidden"], feature_targets)
         scale = foresight_scale(step, self.warmup_steps, self.halve_at)
         loss = out["loss"] + scale * total
-        metrics = {"ntp": out["loss"].item(), "foresight": total.item(), "foresight_scale": scale}
-        metrics.update({f"head{k}": v for k, v in enumerate(per_head.tolist())})
+        # "head": the (K,) per-head losses, read as head0, head1, ... (read_metrics)
+        metrics = {"ntp": out["loss"].detach(), "foresight": total.detach(), "foresight_scale": scale,
+                   "head": per_head.detach()}
         metrics.update(self.extra_metrics(out, feature_targets))
         return loss, metrics
 
@@ -243,6 +253,37 @@ def build_objective(name: str, model, *, ema: Optional[EMA], layer: Optional[int
     raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
 
 
-def cosine_causal_bidirectional(hidden: torch.Tensor, bidir_hidden: torch.Tensor) -> float:
-    """Mean cosine between causal and bidirectional states (Mirai-S collapse monitor: 1.0 = collapsed)."""
-    return F.cosine_similarity(hidden.float(), bidir_hidden.float(), dim=-1).mean().item()
+def cosine_causal_bidirectional(hidden: torch.Tensor, bidir_hidden: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between causal and bidirectional states (Mirai-S collapse monitor: 1.0 = collapsed), a 0-d
+    tensor on their device (no host sync)."""
+    return F.cosine_similarity(hidden.detach().float(), bidir_hidden.float(), dim=-1).mean()
+
+
+def read_metrics(rows: list) -> list:
+    """Objective metrics (``loss_terms``) as Python numbers, every tensor of every row read to the host in one
+    transfer per device (one sync). A 0-d tensor becomes a float; a 1-d one named ``key`` becomes ``key0``,
+    ``key1``, ... in its place (the per-head losses: ``head0``...); Python numbers pass through. The floats are
+    exactly the tensors' values (``.item()``'s)."""
+    tensors = [v for row in rows for v in row.values() if isinstance(v, torch.Tensor)]
+    by_device = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    values = {}
+    for group in by_device.values():  # float64 holds every fp32 / bf16 / fp16 value exactly
+        flat = torch.cat([t.detach().reshape(-1).double() for t in group]).tolist()
+        offset = 0
+        for t in group:
+            values[id(t)] = flat[offset: offset + t.numel()]
+            offset += t.numel()
+    out = []
+    for row in rows:
+        read = {}
+        for key, v in row.items():
+            if not isinstance(v, torch.Tensor):
+                read[key] = v
+            elif v.dim() == 0:
+                read[key] = values[id(v)][0]
+            else:
+                read.update({f"{key}{k}": x for k, x in enumerate(values[id(v)])})
+        out.append(read)
+    return out

@@ -5,7 +5,9 @@
 A training step is a straight line: batch -> GPT forward (hidden state at block l kept) -> objective (foresight
 heads through the fused cosine loss) -> backward -> clip -> AdamW -> EMA refresh. Recipe (docs/method.md): AdamW
 betas (0.9, 0.95), weight decay 0.05 on weight matrices only (:func:`param_groups`), constant lr, clip 1.0, bf16
-autocast for the student on GPU (teacher / encoder in fp32), EMA teacher.
+autocast for the student on GPU (teacher / encoder in fp32), EMA teacher. :func:`train` reads as that loop; a step
+reads nothing back from the device (no ``.item()``, no synchronize): its metrics stay device tensors until a log
+step reads them all at once (:func:`read_step`).
 
     python -m models.train --recipe paper --model B --objective mirai-e --code-path /codes --print-config
 
@@ -51,7 +53,7 @@ from .cli import (UsageError, dropout_rate, float_in, int_at_least, nonneg_float
 from .cli import device, train_seed
 from .data import build_dataset
 from .encoder import builtin_encoder, load_encoder
-from .foresight import EMA, OBJECTIVES, build_objective, default_head_width
+from .foresight import EMA, OBJECTIVES, build_objective, default_head_width, read_metrics
 from .gpt import GPT, GPTConfig, PRESETS, config_from_preset
 
 
@@ -325,7 +327,8 @@ class TrainStep(torch.nn.Module):
         self._forward_model = torch.compile(model) if compile_model else model
 
     def forward(self, idx, labels, targets, step: int, features=None):
-        return self.objective.loss(self._forward_model, idx, labels, targets, step, features)
+        # loss_terms, not loss: the metrics stay on the device until the log step reads them
+        return self.objective.loss_terms(self._forward_model, idx, labels, targets, step, features)
 
 
 def shard_for_fsdp(model, ema_model, objective) -> None:
@@ -484,8 +487,41 @@ def read_resume_state(path: str, args, total_steps: int) -> dict:
     return state
 
 
-def train(args) -> dict:
-    rank, world, device = init_distributed(args.device)
+@dataclasses.dataclass
+class Run:
+    """What :func:`prepare_run` fixes before a model exists: this process's place, the data, the resolved
+    configuration, the output paths and the checkpoint being resumed (``None`` for a new run)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    dataset: object
+    run_config: dict
+    gpt_config: GPTConfig
+    last_path: str
+    state: Optional[dict]
+    schedule: Optional[dict] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclasses.dataclass
+class Parts:
+    """The trained pieces (:func:`build_parts`): the GPT, its EMA, the objective (heads, teacher hooks), the
+    optimizer over both and ``step_module``, the module a step calls (DDP-wrapped when several processes replicate)."""
+
+    model: GPT
+    ema: EMA
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step_module: torch.nn.Module
+
+
+def prepare_run(args, rank: int, world: int, device: torch.device) -> Run:
+    """Checks, dataset, resolved configuration (sets ``args.steps`` from ``--epochs``) and the resume checkpoint,
+    all before anything in ``--out`` is written (a refusal leaves the run directory as it was)."""
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} (global) must divide evenly over {world} processes")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -494,9 +530,8 @@ def train(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     dataset = build_dataset(args.data, size=args.data_size, grid=args.grid, seed=args.seed, code_path=args.code_path,
                             image_size=args.image_size, features_dir=args.features_dir)
-    grid = (dataset.height, dataset.width)
-    run_config = resolve_run(args, dataset_size=len(dataset), grid=grid, vocab_size=dataset.vocab_size,
-                             num_classes=dataset.num_classes, world=world)  # sets args.steps from --epochs
+    run_config = resolve_run(args, dataset_size=len(dataset), grid=(dataset.height, dataset.width),
+                             vocab_size=dataset.vocab_size, num_classes=dataset.num_classes, world=world)
     if args.batch_size > len(dataset):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} images): every "
                          f"step would silently train on a smaller batch than asked")
@@ -516,11 +551,17 @@ def train(args) -> dict:
     if args.objective != "none" and args.foresight_layer is not None and args.foresight_layer > config.n_layer:
         raise UsageError(f"--foresight-layer {args.foresight_layer}: the {args.model} model has {config.n_layer} "
                          f"blocks (valid: 1..{config.n_layer})")
-    model = GPT(config).to(device)
-    ema_decay = run_config["ema"]["decay"]
-    ema = EMA(model, ema_decay)
-    foresight_cfg = run_config["foresight"] or {}
-    warmup, halve_at = foresight_cfg.get("warmup_steps", 0), foresight_cfg.get("halve_at_step")
+    return Run(rank, world, device, dataset, run_config, config, last_path, state)
+
+
+def build_parts(args, run: Run) -> Parts:
+    """The GPT (seeded: identical on every rank), its EMA, the objective (and the Mirai-I encoder), then the
+    process layout: FSDP2 shards (``--fsdp``) or DDP replicates; the optimizer sees the parameters as they are
+    trained. Re-resolves ``run.run_config`` against the built objective."""
+    dataset, device = run.dataset, run.device
+    model = GPT(run.gpt_config).to(device)
+    ema = EMA(model, run.run_config["ema"]["decay"])
+    foresight_cfg = run.run_config["foresight"] or {}
     encoder, feature_dim = None, None
     if args.objective == "mirai-i":
         if args.features_dir:
@@ -532,33 +573,40 @@ def train(args) -> dict:
             encoder = builtin_encoder(dataset, cache, seed=args.seed)
     objective = build_objective(
         args.objective, model, ema=ema, layer=foresight_cfg.get("layer"), head_width=foresight_cfg.get("head_width"),
-        warmup_steps=warmup, halve_at=halve_at, mirai_s_source=args.mirai_s_source, boundary=args.boundary,
-        encoder=encoder, feature_dim=feature_dim, teacher_autocast=args.bf16_teacher,
+        warmup_steps=foresight_cfg.get("warmup_steps", 0), halve_at=foresight_cfg.get("halve_at_step"),
+        mirai_s_source=args.mirai_s_source, boundary=args.boundary, encoder=encoder, feature_dim=feature_dim,
+        teacher_autocast=args.bf16_teacher,
     ).to(device)
-    run_config = resolve_run(args, dataset_size=len(dataset), grid=grid, vocab_size=dataset.vocab_size,
-                             num_classes=dataset.num_classes, world=world, objective=objective)
+    run.run_config = resolve_run(args, dataset_size=len(dataset), grid=(dataset.height, dataset.width),
+                                 vocab_size=dataset.vocab_size, num_classes=dataset.num_classes, world=run.world,
+                                 objective=objective)
     if args.fsdp:
-        if world == 1:
+        if run.world == 1:
             raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N > 1)")
         if args.resume:
             raise ValueError("--resume is not supported with --fsdp yet (checkpoints are written as full state dicts)")
         shard_for_fsdp(model, ema.model, objective)
     optimizer = torch.optim.AdamW(param_groups([model, objective], args.weight_decay), lr=args.lr, betas=BETAS)
     step_module = TrainStep(model, objective, args.compile)
-    if world > 1 and not args.fsdp:
+    if run.world > 1 and not args.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         step_module = DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    return Parts(model, ema, objective, optimizer, step_module)
 
+
+def restore(args, run: Run, parts: Parts) -> int:
+    """Load the resumed checkpoint into ``parts`` and set this rank's RNG stream; returns the first step to train.
+    Dropout streams differ per rank (same weights, different masks), reproducibly; a resume restores each rank's
+    own stream (checkpoints of a multi-process run hold one per rank), else every rank would draw rank 0's masks."""
+    state, world, rank = run.state, run.world, run.rank
     start_step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
+        parts.model.load_state_dict(state["model"])
+        parts.ema.model.load_state_dict(state["ema"])
+        parts.objective.load_state_dict(state["objective"])
+        parts.optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
-    # Dropout streams differ per rank (same weights, different masks), reproducibly; a resume restores each rank's
-    # own stream (checkpoints of a multi-process run hold one per rank), else every rank would draw rank 0's masks.
     per_rank = state.get("rng_per_rank") if state is not None else None
     if state is not None and per_rank is not None and len(per_rank) == world:
         torch.set_rng_state(per_rank[rank])
@@ -566,115 +614,218 @@ def train(args) -> dict:
         torch.set_rng_state(state["rng"])
     else:
         if state is not None:  # another world size than the checkpoint's: exact continuation is impossible
-            print(f"models.train: warning: {last_path} was written by {len(per_rank) if per_rank else 1} "
+            print(f"models.train: warning: {run.last_path} was written by {len(per_rank) if per_rank else 1} "
                   f"process(es), this run has {world}: the dropout streams restart from the seed, so the resumed "
                   f"run is not bit-exact with an uninterrupted one", file=sys.stderr, flush=True)
         torch.manual_seed(args.seed * 1000 + rank if world > 1 else args.seed)
+    return start_step
 
-    schedule = {"ema_decay": ema_decay, "warmup_steps": warmup, "halve_at": halve_at,
-                "foresight_layer": getattr(objective, "layer", None), "world_size": world}
-    is_main = rank == 0
-    if is_main:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({"resolved": run_config, "args": vars(args), "gpt": config.__dict__, "schedule": schedule}, f,
-                      indent=1)
-        print(switch_summary(run_config), flush=True)
 
-    def save_full(step):
-        if args.fsdp:  # every rank takes part in gathering the shards; rank 0 writes
-            state = {"model": full_state_dict(model), "ema": full_state_dict(ema.model),
-                     "objective": full_state_dict(objective)}
-        else:
-            state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "objective": objective.state_dict(),
-                     "optimizer": optimizer.state_dict()}
-        rng = torch.get_rng_state()
-        if world > 1:  # a collective: every rank calls save_full
-            import torch.distributed as dist
+def schedule_of(run: Run, parts: Parts) -> dict:
+    foresight_cfg = run.run_config["foresight"] or {}
+    return {"ema_decay": run.run_config["ema"]["decay"], "warmup_steps": foresight_cfg.get("warmup_steps", 0),
+            "halve_at": foresight_cfg.get("halve_at_step"), "foresight_layer": getattr(parts.objective, "layer", None),
+            "world_size": run.world}
 
-            rng_per_rank = [None] * world
-            dist.all_gather_object(rng_per_rank, rng)
-            state["rng_per_rank"] = rng_per_rank
-        if is_main:
-            atomic_save({"config": config.__dict__, **state, "rng": rng, "step": step,
-                         "args": vars(args), "run_config": run_config}, last_path)
 
-    if is_main and args.resume:  # rows a killed run logged after its last checkpoint are logged again below
-        truncate_log(os.path.join(args.out, "metrics.jsonl"), start_step)
-    log = open(os.path.join(args.out, "metrics.jsonl"), "a" if args.resume else "w") if is_main else None
-    if log is not None:  # the resolved configuration heads the log (again at each resume: it may differ)
-        log.write(json.dumps({"config": run_config, **({"resumed_at_step": start_step} if args.resume else {})})
-                  + "\n")
-        log.flush()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-    progress = range(start_step, args.steps)
-    if is_main and not args.no_progress:
-        from tqdm import tqdm
+def open_log(args, run: Run, start_step: int):
+    """Rank 0: ``config.json``, the switch summary, and ``metrics.jsonl`` headed by the resolved configuration
+    (again at each resume: it may differ); on resume, rows a killed run logged after its last checkpoint are cut
+    (they are logged again). Other ranks: ``None``."""
+    if not run.is_main:
+        return None
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump({"resolved": run.run_config, "args": vars(args), "gpt": run.gpt_config.__dict__,
+                   "schedule": run.schedule}, f, indent=1)
+    print(switch_summary(run.run_config), flush=True)
+    path = os.path.join(args.out, "metrics.jsonl")
+    if args.resume:
+        truncate_log(path, start_step)
+    log = open(path, "a" if args.resume else "w")
+    log.write(json.dumps({"config": run.run_config, **({"resumed_at_step": start_step} if args.resume else {})})
+              + "\n")
+    log.flush()
+    return log
 
-        progress = tqdm(progress, initial=start_step, total=args.steps, desc=f"train {args.objective}")
-    model.train()
-    objective.train()
-    metrics, step_times = {}, []
+
+def save_checkpoint(args, run: Run, parts: Parts, step: int) -> None:
+    """``last.pt`` (everything ``--resume`` needs, atomically). A collective in a multi-process run: every rank
+    calls it (FSDP gathers the shards, every rank's RNG state is gathered); rank 0 writes."""
+    model, ema, objective = parts.model, parts.ema, parts.objective
+    if args.fsdp:
+        state = {"model": full_state_dict(model), "ema": full_state_dict(ema.model),
+                 "objective": full_state_dict(objective)}
+    else:
+        state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "objective": objective.state_dict(),
+                 "optimizer": parts.optimizer.state_dict()}
+    rng = torch.get_rng_state()
+    if run.world > 1:
+        import torch.distributed as dist
+
+        rng_per_rank = [None] * run.world
+        dist.all_gather_object(rng_per_rank, rng)
+        state["rng_per_rank"] = rng_per_rank
+    if run.is_main:
+        atomic_save({"config": run.gpt_config.__dict__, **state, "rng": rng, "step": step, "args": vars(args),
+                     "run_config": run.run_config}, run.last_path)
+
+
+def save_sampling_model(args, run: Run, parts: Parts) -> None:
+    """``model.pt``: config + EMA weights, no foresight heads (a collective under FSDP; rank 0 writes)."""
+    ema_state = full_state_dict(parts.ema.model) if args.fsdp else parts.ema.model.state_dict()
+    if run.is_main:
+        atomic_save({"config": run.gpt_config.__dict__, "model": ema_state, "run_config": run.run_config},
+                    os.path.join(args.out, "model.pt"))
+
+
+def step_batches(args, run: Run, step: int):
+    """This rank's share of step ``step``'s global batch, a pure function of (seed, step) (what makes a resume
+    exact), as ``--grad-accum`` micro-batches ``(tokens, labels, features)`` on the device, loaded lazily (one
+    micro-batch at a time, as the step consumes them)."""
+    dataset = run.dataset
+    if hasattr(dataset, "set_epoch"):  # seeded crops: a pure function of (seed, epoch, index)
+        dataset.set_epoch(step // max(1, len(dataset) // args.batch_size))
+    indices = batch_indices(step, args.batch_size, len(dataset), args.seed)[run.rank::run.world]
+    for micro_indices in indices.chunk(args.grad_accum):
+        tokens, labels, features = collate(dataset, micro_indices)
+        yield tuple(None if t is None else to_device(t, run.device) for t in (tokens, labels, features))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a host sync: a plain ``.to("cuda")`` of pageable memory waits for the copy (and so
+    for the queued step); pinned memory lets it queue like a kernel (the caching host allocator keeps the pinned
+    buffer alive until the copy is done)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def train_step(args, parts: Parts, batches, step: int, autocast) -> dict:
+    """One optimizer step: zero grads -> ``--grad-accum`` micro-steps (forward under the student's autocast,
+    backward of loss / A; DDP syncs gradients on the last one only) -> clip -> AdamW -> EMA refresh. Nothing is
+    read back to the host: returns the step's metrics as device tensors (:func:`read_step`)."""
+    step_module = parts.step_module
+    parts.optimizer.zero_grad(set_to_none=True)
+    # The rank's share in equal micro-batches, each loss / A, gradients summed: the gradient of the mean over the
+    # share, as one micro-step would give; DDP averages over ranks: the gradient of the global-batch mean loss.
+    loss, micro_metrics, tokens_seen = 0.0, [], 0
+    for micro, (tokens, labels, features) in enumerate(batches):
+        last_micro = micro == args.grad_accum - 1
+        sync = contextlib.nullcontext() if last_micro or not hasattr(step_module, "no_sync") else \
+            step_module.no_sync()
+        with sync:
+            with autocast:
+                micro_loss, micro_m = step_module(tokens[:, :-1], labels, tokens, step, features)
+            (micro_loss / args.grad_accum).backward()
+        loss = loss + micro_loss.detach() / args.grad_accum
+        micro_metrics.append(micro_m)
+        tokens_seen += tokens.numel()
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(parts.model.parameters()) + list(parts.objective.parameters()),
+                                               args.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    parts.optimizer.step()
+    parts.ema.update(parts.model)
+    return {"loss": loss, "micro_metrics": micro_metrics, "grad_norm": grad_norm, "tokens": tokens_seen}
+
+
+def student_autocast(device: torch.device):
+    """bf16 autocast for the student on CUDA; fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def read_step(pending: dict, step: int, world: int, step_s: float) -> dict:
+    """The log row of a step from :func:`train_step`'s device tensors, read to the host at once (the only host
+    sync of a logged step): the objective's metrics (this rank's, averaged over micro-steps), the loss (averaged
+    over ranks: a collective, so every rank calls it at the same steps), the global gradient norm and timing."""
+    global_loss = pending["loss"].detach().float()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(global_loss)
+        global_loss /= world
+    *micro_metrics, scalars = read_metrics([*pending["micro_metrics"],
+                                            {"loss": global_loss, "grad_norm": pending["grad_norm"]}])
+    metrics = {k: (sum(m[k] for m in micro_metrics) / len(micro_metrics) if isinstance(v, float) else v)
+               for k, v in micro_metrics[0].items()}
+    metrics.update(step=step + 1, loss=scalars["loss"], grad_norm=scalars["grad_norm"], step_s=step_s,
+                   tokens_per_s=pending["tokens"] * world / step_s)
+    return metrics
+
+
+class StepTimer:
+    """Wall time per step without a per-step device sync: steps run asynchronously on a GPU, so the device is
+    synchronized only when a time is read (:meth:`interval`, at the log steps) and the time is the mean over the
+    steps since the previous read (with ``--log-every 1``: the step's own time). Time spent outside the steps
+    (logging, checkpoints, which synchronize themselves) is not counted."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.elapsed, self.steps, self.per_step = device, 0.0, 0, []
+
+    @contextlib.contextmanager
+    def step(self, read: bool):
+        start = time.perf_counter()
+        yield
+        if read and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.elapsed += time.perf_counter() - start
+        self.steps += 1
+
+    def interval(self) -> float:
+        mean = self.elapsed / max(1, self.steps)
+        self.per_step += [mean] * self.steps
+        self.elapsed, self.steps = 0.0, 0
+        return mean
+
+    def median(self) -> float:
+        """Median seconds per step past the first 20% of the steps (compilation, allocator warm-up)."""
+        steady = self.per_step[len(self.per_step) // 5:] or self.per_step
+        return sorted(steady)[len(steady) // 2] if steady else math.nan
+
+
+def progress_bar(args, run: Run, start_step: int):
+    steps = range(start_step, args.steps)
+    if not run.is_main or args.no_progress:
+        return steps
+    from tqdm import tqdm
+
+    return tqdm(steps, initial=start_step, total=args.steps, desc=f"train {args.objective}")
+
+
+def train(args) -> dict:
+    """Train as ``args`` says (the module docstring); returns a summary (the last logged metrics, the median step
+    time, the schedule). Every rank of a torchrun job calls it."""
+    run = prepare_run(args, *init_distributed(args.device))
+    parts = build_parts(args, run)
+    start_step = restore(args, run, parts)
+    run.state = None  # loaded: free its copy of the weights
+    run.schedule = schedule_of(run, parts)
+    log = open_log(args, run, start_step)
+    timer, metrics, autocast = StepTimer(run.device), {}, student_autocast(run.device)
+    parts.model.train()
+    parts.objective.train()
+    progress = progress_bar(args, run, start_step)
     for step in progress:
-        # This rank's share of the global batch: a pure function of (seed, step), so resuming is exact.
-        if hasattr(dataset, "set_epoch"):  # seeded crops: a pure function of (seed, epoch, index)
-            dataset.set_epoch(step // max(1, len(dataset) // args.batch_size))
-        indices = batch_indices(step, args.batch_size, len(dataset), args.seed)[rank::world]
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        # --grad-accum: the rank's share in equal micro-batches, each loss / A, gradients summed (the gradient of
-        # the mean over the share, as one micro-step would give); DDP syncs only on the last micro-step.
-        loss, micro_metrics = 0.0, []
-        for micro, micro_indices in enumerate(indices.chunk(args.grad_accum)):
-            tokens, labels, features = collate(dataset, micro_indices)
-            tokens, labels = tokens.to(device), labels.to(device)
-            features = features.to(device) if features is not None else None
-            last_micro = micro == args.grad_accum - 1
-            sync = contextlib.nullcontext() if last_micro or not hasattr(step_module, "no_sync") else \
-                step_module.no_sync()
-            with sync:
-                with autocast:
-                    micro_loss, micro_m = step_module(tokens[:, :-1], labels, tokens, step, features)
-                # DDP averages the gradients over ranks: the gradient of the global-batch mean loss
-                (micro_loss / args.grad_accum).backward()
-            loss = loss + micro_loss.detach() / args.grad_accum
-            micro_metrics.append(micro_m)
-        metrics = {k: (sum(m[k] for m in micro_metrics) / len(micro_metrics) if isinstance(v, float) else v)
-                   for k, v in micro_metrics[0].items()}
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(objective.parameters()),
-                                                   args.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        ema.update(model)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        step_times.append(time.perf_counter() - t0)
-        global_loss = loss.detach().float()
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(global_loss)
-            global_loss /= world
-        metrics.update(step=step + 1, loss=global_loss.item(), grad_norm=float(grad_norm), step_s=step_times[-1],
-                       tokens_per_s=tokens.numel() * args.grad_accum * world / step_times[-1])
-        if is_main and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            if not args.no_progress:
-                progress.set_postfix(ntp=f"{metrics['ntp']:.3f}")
+        logged = (step + 1) % args.log_every == 0 or step + 1 == args.steps
+        with timer.step(read=logged):
+            pending = train_step(args, parts, step_batches(args, run, step), step, autocast)
+        if logged:  # the only host reads of the loop (every rank: the loss is averaged over ranks)
+            metrics = read_step(pending, step, run.world, timer.interval())
+            if log is not None:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                if not args.no_progress:
+                    progress.set_postfix(ntp=f"{metrics['ntp']:.3f}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
-            save_full(step + 1)
+            save_checkpoint(args, run, parts, step + 1)
     if log is not None:
         log.close()
-    save_full(args.steps)
-    ema_state = full_state_dict(ema.model) if args.fsdp else ema.model.state_dict()
-    if is_main:
-        atomic_save({"config": config.__dict__, "model": ema_state, "run_config": run_config},
-                    os.path.join(args.out, "model.pt"))
-    steady = step_times[len(step_times) // 5:] or step_times
-    return {"final": metrics, "step_s_median": sorted(steady)[len(steady) // 2] if steady else math.nan,
-            "schedule": schedule, "out": args.out, "rank": rank, "world_size": world}
+    save_checkpoint(args, run, parts, args.steps)
+    save_sampling_model(args, run, parts)
+    return {"final": metrics, "step_s_median": timer.median(), "schedule": run.schedule, "out": args.out,
+            "rank": run.rank, "world_size": run.world}
 
 
 def print_config(args) -> dict:
