@@ -108,6 +108,27 @@ def test_top_k_draws_follow_the_renormalised_distribution():
     torch.testing.assert_close(freq, torch.tensor([4 / 9, 3 / 9, 2 / 9, 0, 0]), atol=0.012, rtol=0)
 
 
+def _llamagen_top_k_probs(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """LlamaGen's top-k, from its definition: a token is removed only when its logit is below the k-th largest
+    value, so ties at that value all survive; then softmax over the survivors."""
+    kth_value = logits.sort(descending=True).values[k - 1]
+    return torch.where(logits >= kth_value, logits, torch.tensor(float("-inf"))).double().softmax(-1)
+
+
+def test_top_k_keeps_every_token_tied_at_the_kth_value():
+    """bf16 logits tie often at vocab 16384 (8 mantissa bits); LlamaGen then keeps more than k tokens. Drawing
+    from exactly k of them (torch.topk's pick among the tied) never draws the others: tokens 3 and 5 below."""
+    row = torch.tensor([3.0, 2.0, 2.0, 2.0, -1.0, 2.0, 0.5, 2.0], dtype=torch.bfloat16).float()
+    expected = _llamagen_top_k_probs(row, k=2)
+    assert (expected > 0).sum() == 6  # the rule under test: 1 + five tied at the 2nd value
+    n = 60000
+    draws = sample_next(row.expand(n, -1).contiguous(), temperature=1.0, top_k=2, top_p=1.0, rng=DeviceRNG(11, "cpu"))
+    freq = torch.bincount(draws, minlength=8).double() / n
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+    # the speculative verifier's target distribution uses filter_logits: the same survivors
+    assert torch.equal(torch.isfinite(filter_logits(row[None], top_k=2))[0], expected > 0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A LlamaGen-structured Transformer, written from LlamaGen's definition
 # ---------------------------------------------------------------------------------------------------------
