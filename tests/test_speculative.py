@@ -212,13 +212,14 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="window"):
         generate(model, torch.tensor([0]), speculative="jacobi", window=1)
     with pytest.raises(ValueError, match="init"):
-        generate(model, torch.tensor([0]), speculative="jacobi", draft_init="left")
+        generate(model, torch.tensor([0]), speculative="jacobi", draft_init="above")
 
 
-def test_step_compiles_fullgraph():
+@pytest.mark.parametrize("init", ["prior", "adaptive"])
+def test_step_compiles_fullgraph(init):
     """The CPU stand-in for CUDA-graph capture: torch.compile traces the whole speculative step (cached window
-    forward, guidance, verification, residual resampling, redrafting, cache advance) with no graph break, and it
-    gives the eager step's state."""
+    forward, guidance, verification, residual resampling, redrafting -- Jacobi, and the adaptive prior's offset
+    choice and reset --, cache advance) with no graph break, and it gives the eager step's state."""
     torch._dynamo.reset()
     model = peaked_gpt(seed=5, vocab=8, grid=(3, 3))
     labels = torch.tensor([0, 2])
@@ -227,7 +228,7 @@ def test_step_compiles_fullgraph():
     def run(compiled):
         model.setup_caches(4, 1 + 9 + 4)
         step = JacobiStep(model, 2, window=4, guided=True, cfg_scale=2.0, cfg_interval=-1, temperature=1.0,
-                          top_k=5, top_p=0.9, rng=DeviceRNG(7, "cpu"), init="prior", device=torch.device("cpu"))
+                          top_k=5, top_p=0.9, rng=DeviceRNG(7, "cpu"), init=init, device=torch.device("cpu"))
         with torch.no_grad():
             step.prefill(cond)
             fn = torch.compile(step.__call__, fullgraph=True, backend="aot_eager") if compiled else step
