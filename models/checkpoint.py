@@ -22,6 +22,17 @@ API::
     clean_stale_tmp(path)                 # remove ``path.tmp.*`` left by killed writers (not live processes')
     truncate_log(path, step)              # a JSON-lines log cut back to the rows of steps <= step (on resume)
 
+    # Sharded (FSDP) checkpoints: a torch.distributed.checkpoint directory, tensors only, plus ``meta.pt``
+    atomic_save_sharded(state, meta, path)  # collective: every rank's shards -> ``path.tmp.<pid>``, then swapped in
+    load_sharded(state, path)             # collective: fill ``state``'s (D)Tensors in place, resharded if need be
+    load_sharded_meta(path)               # ``meta`` (load_checkpoint of ``path/meta.pt``)
+    read_sharded(path)                    # the whole checkpoint as full CPU tensors, one process, no process group
+    recover_sharded(path); clean_stale_sharded(path)   # undo a swap cut by a kill; remove dead writers' temp dirs
+
+DCP itself unpickles its ``.metadata`` with a bare ``pickle.load`` and non-tensor entries with
+``torch.load`` with weights_only off; here the metadata goes through an allow-list of DCP's own metadata types (refused
+before anything is built, like a torch file) and non-tensor entries are neither written nor read.
+
 Errors (all name the file):
 
 - :class:`CheckpointNotFoundError` (a ``FileNotFoundError``): no such file.
@@ -238,3 +249,231 @@ def truncate_log(path: str, step: int) -> int:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     return dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP): a torch.distributed.checkpoint (DCP) directory, written atomically, read safely
+# ---------------------------------------------------------------------------------------------------------------
+
+SHARDED_META = "meta.pt"  # the non-tensor state beside the shards (torch.save; read by load_checkpoint)
+
+# Everything DCP's ``.metadata`` pickle names (torch 2.x: the storage layout of every tensor), and nothing else:
+# plain data classes, torch.Size, dtypes and layouts, a path. DCP itself reads that file with a bare pickle.load
+# (code execution from a crafted file); :func:`_read_dcp_metadata` reads it with this allow-list instead.
+_DCP_METADATA_TYPES = frozenset({
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+     ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")})
+
+
+def _read_dcp_metadata(path: str, what: str):
+    """DCP's ``.metadata`` of the checkpoint directory ``path``, unpickled with only the types it needs
+    (``_DCP_METADATA_TYPES`` and torch dtypes): anything else is refused before it is built."""
+    meta_path = os.path.join(path, ".metadata")
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{what} {path!r} is not a complete sharded checkpoint: no .metadata")
+    refused = []
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _DCP_METADATA_TYPES or (
+                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            refused.append(f"{module}.{name}")
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+
+    try:
+        with open(meta_path, "rb") as f:
+            return Restricted(f).load()
+    except Exception as exc:
+        if refused:
+            raise _unsafe(meta_path, refused, what) from exc
+        raise CheckpointError(f"{what} {meta_path!r} is truncated or corrupt: {type(exc).__name__}: "
+                              f"{str(exc)[:200]}") from exc
+
+
+def _dcp_reader(path: str, what: str):
+    """A DCP ``FileSystemReader`` whose metadata is read (now: an unsafe file is refused before DCP starts) by
+    :func:`_read_dcp_metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    checked = _read_dcp_metadata(path, what)
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:
+                raise CheckpointError(f"{what} {path!r}: per-rank metadata files are not read")
+            metadata = checked
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _tensors_only_planner(base):
+    """A DCP load planner that refuses pickled ("bytes") entries: DCP loads those with
+    ``torch.load`` with weights_only off; our sharded checkpoints hold tensors only (:func:`atomic_save_sharded`)."""
+
+    class TensorsOnly(base):
+        def load_bytes(self, read_item, value):
+            raise UnsafeCheckpointError(f"refusing a pickled entry {read_item.dest_index.fqn!r} in a sharded "
+                                        f"checkpoint ({_WHY})", [read_item.dest_index.fqn])
+
+    return TensorsOnly
+
+
+def _flat_items(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flat_items(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save_sharded(state: dict, meta: dict, path: str) -> None:
+    """Write a sharded checkpoint directory ``path`` atomically. A collective: every rank of the default process
+    group calls it with its own ``state`` (nested dicts of tensors / DTensors, e.g. FSDP2's sharded state dicts:
+    each rank writes its shards, replicated tensors once); ``meta`` (rank 0's is kept) is the non-tensor state,
+    saved beside the shards as ``meta.pt`` (``torch.save``; plain types and tensors, read back with
+    :func:`load_checkpoint`). Written to ``path.tmp.<pid of rank 0>``, flushed to disk, then swapped in with two
+    renames (``path`` -> ``path.old.<pid>``, tmp -> ``path``): a kill at any moment leaves the previous checkpoint
+    or the new one (:func:`recover_sharded` undoes a swap cut between its renames). Non-tensor values in ``state``
+    are refused: DCP would pickle them and unpickle them with code execution on load. Every rank must see the same
+    file system at ``path``."""
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = os.fspath(path).rstrip(os.sep)
+    for key, value in _flat_items(state):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"atomic_save_sharded: {key!r} is a {type(value).__name__}, not a tensor (non-tensor "
+                            f"state goes in meta, which is saved weights_only-loadable)")
+    rank = dist.get_rank()
+    owner = [os.getpid()]
+    dist.broadcast_object_list(owner, src=0)
+    tmp, old = f"{path}.tmp.{owner[0]}", f"{path}.old.{owner[0]}"
+    if rank == 0:
+        for leftover in (tmp, old):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover)
+        os.makedirs(tmp)
+    dist.barrier()
+    try:
+        dcp.save(state, checkpoint_id=tmp)  # FileSystemWriter fsyncs every file it writes
+        if rank == 0:
+            with open(os.path.join(tmp, SHARDED_META), "wb") as f:
+                torch.save(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+        dist.barrier()  # every rank's shards are on disk before the swap
+        if rank == 0:
+            if os.path.isdir(path):
+                os.rename(path, old)
+            os.rename(tmp, path)
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+    except BaseException:
+        if rank == 0 and os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()  # nobody reads or writes ``path`` again before the swap is done
+
+
+def recover_sharded(path: str) -> bool:
+    """If a writer was killed between the two renames of :func:`atomic_save_sharded` (no ``path``, a
+    ``path.old.<pid>`` of a dead process), put the previous checkpoint back at ``path``; returns whether it did."""
+    path = os.fspath(path).rstrip(os.sep)
+    if os.path.exists(path):
+        return False
+    for old in sorted(glob.glob(glob.escape(path) + ".old.*"), key=os.path.getmtime, reverse=True):
+        suffix = old.rsplit(".", 1)[-1]
+        if suffix.isdigit() and int(suffix) != os.getpid() and _pid_alive(int(suffix)):
+            continue
+        os.rename(old, path)
+        return True
+    return False
+
+
+def clean_stale_sharded(path: str) -> list:
+    """Remove ``path.tmp.<pid>`` / ``path.old.<pid>`` directories of dead writers (or this process); returns them.
+    Call :func:`recover_sharded` first (it may still need an ``old`` one)."""
+    import shutil
+
+    removed = []
+    path = os.fspath(path).rstrip(os.sep)
+    for leftover in glob.glob(glob.escape(path) + ".tmp.*") + glob.glob(glob.escape(path) + ".old.*"):
+        suffix = leftover.rsplit(".", 1)[-1]
+        if suffix.isdigit() and int(suffix) != os.getpid() and _pid_alive(int(suffix)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+        removed.append(leftover)
+    return removed
+
+
+def load_sharded_meta(path: str, what: str = "sharded checkpoint") -> Any:
+    """The non-tensor state (``meta``) of the sharded checkpoint directory ``path``, via :func:`load_checkpoint`."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise CheckpointError(f"{what} {path!r} is a file, not a sharded checkpoint directory")
+        raise CheckpointNotFoundError(f"{what} not found: {path!r} (no such directory)")
+    return load_checkpoint(os.path.join(path, SHARDED_META), what=what)
+
+
+def load_sharded(state: dict, path: str, what: str = "sharded checkpoint") -> None:
+    """Fill ``state`` (nested dicts of tensors / DTensors, the structure it was saved with) in place from the
+    sharded checkpoint directory ``path``. A collective under a process group (every rank calls it); DTensors are
+    resharded to the current layout, so another world size than the writer's loads too. Only tensors are read:
+    the metadata with the allow-list of :func:`_read_dcp_metadata`, pickled entries refused."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"{what} not found: {path!r} (no such directory)")
+    reader = _dcp_reader(path, what)
+    try:
+        dcp.load(state, storage_reader=reader, planner=_tensors_only_planner(DefaultLoadPlanner)())
+    except CheckpointError:
+        raise
+    except Exception as exc:  # DCP wraps rank failures in CheckpointException
+        if "UnsafeCheckpointError" in str(exc) or "refusing" in str(exc):
+            raise UnsafeCheckpointError(f"{what} {path!r}: {str(exc)[:400]}") from exc
+        raise CheckpointError(f"{what} {path!r} could not be loaded: {type(exc).__name__}: {str(exc)[:400]}") from exc
+
+
+def read_sharded(path: str, what: str = "sharded checkpoint") -> dict:
+    """The whole sharded checkpoint ``path`` as nested dicts of full (unsharded) CPU tensors, in one process and
+    without a process group (inspection, tests, conversion); read as safely as :func:`load_sharded`."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"{what} not found: {path!r} (no such directory)")
+    state: dict = {}
+    reader = _dcp_reader(path, what)
+    try:
+        _load_state_dict(state, storage_reader=reader,
+                         planner=_tensors_only_planner(_EmptyStateDictLoadPlanner)(), no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{what} {path!r} could not be read: {type(exc).__name__}: {str(exc)[:400]}") from exc
+    return state

@@ -26,9 +26,13 @@ Multi-process: ``torchrun --nproc_per_node N -m models.train ...`` trains with D
 GPUs, gloo on CPUs), or FSDP2 with ``--fsdp``; ``--batch-size`` is the global batch, each rank takes its share of every step's batch (a pure
 function of seed and step, which is what makes ``--resume`` exact), rank 0 logs and writes checkpoints.
 ``--grad-accum N`` splits each rank's share into N micro-steps (the paper's global batch on fewer GPUs).
+Under ``--fsdp`` no rank holds the whole state: checkpoints are sharded (``last.dcp/``, below) and ``--resume``
+reloads them, on the same world size bit-exactly, on another one resharded (the dropout streams then restart).
 
 Outputs in ``--out``: ``metrics.jsonl`` (one line per logged step), ``last.pt`` (full state for ``--resume``,
-written atomically) and ``model.pt`` (sampling checkpoint: config + EMA weights, no foresight heads; loads strictly
+written atomically; under ``--fsdp`` the directory ``last.dcp/`` instead: every rank's shards of the GPT, heads, EMA
+and AdamW state through torch.distributed.checkpoint, plus ``meta.pt``: step, every rank's RNG state, the resolved
+configuration, AdamW's param groups; written to a temp directory and swapped in) and ``model.pt`` (sampling checkpoint: config + EMA weights, no foresight heads; loads strictly
 into the plain GPT).
 """
 
@@ -47,7 +51,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_save, clean_stale_tmp, load_checkpoint, require_keys, truncate_log
+from .checkpoint import (CheckpointError, atomic_save, atomic_save_sharded, clean_stale_sharded, clean_stale_tmp,
+                         load_checkpoint, load_sharded, load_sharded_meta, recover_sharded, require_keys, truncate_log)
 from .cli import (UsageError, dropout_rate, float_in, int_at_least, nonneg_float, nonneg_int, positive_float,
                   positive_int, run_main)
 from .cli import device, train_seed
@@ -461,15 +466,28 @@ def _flag(name: str, value) -> str:
 
 
 def read_resume_state(path: str, args, total_steps: int) -> dict:
-    """``last.pt`` for ``--resume``, checked against this run before anything is written (a refusal leaves the
-    run directory as it was): the run must not end before the checkpoint's step (training "back" to an earlier
-    step would overwrite later weights with a lower step count, and a later resume would repeat steps), and the
-    flags that fix the data order and the model (``RUN_DEFINING``: seed, data, batch size, ...) must be the
+    """``last.pt`` for ``--resume`` (under ``--fsdp``: ``last.dcp``'s ``meta.pt``; the shards are loaded once the
+    model is sharded, :func:`restore_sharded`), checked against this run before anything is written (a refusal
+    leaves the run directory as it was): the run must not end before the checkpoint's step (training "back" to an
+    earlier step would overwrite later weights with a lower step count, and a later resume would repeat steps), and
+    the flags that fix the data order and the model (``RUN_DEFINING``: seed, data, batch size, ...) must be the
     checkpoint's."""
-    if not os.path.isfile(path):
+    sharded = path.endswith(".dcp")
+    if not os.path.exists(path):
+        other = os.path.join(os.path.dirname(path), "last.pt" if sharded else "last.dcp")
+        if os.path.exists(other):
+            raise UsageError(f"--resume{' --fsdp' if sharded else ''}: there is no {os.path.basename(path)} in "
+                             f"{os.path.dirname(path)!r} but {other!r}, a "
+                             + ("full checkpoint of a run without --fsdp: resume it without --fsdp" if sharded else
+                                "sharded checkpoint of an --fsdp run: resume it with --fsdp (under torchrun)"))
         raise UsageError(f"--resume: there is no checkpoint to resume from at {path!r} (start without --resume)")
-    state = require_keys(load_checkpoint(path, what="--resume checkpoint"), path,
-                         ["model", "ema", "objective", "optimizer", "rng", "step"], "training checkpoint (last.pt)")
+    if sharded:
+        state = require_keys(load_sharded_meta(path, what="--resume checkpoint"), path,
+                             ["rng", "rng_per_rank", "step", "optimizer_param_groups"],
+                             "sharded training checkpoint (last.dcp)")
+    else:
+        state = require_keys(load_checkpoint(path, what="--resume checkpoint"), path,
+                             ["model", "ema", "objective", "optimizer", "rng", "step"], "training checkpoint (last.pt)")
     step = int(state["step"])
     if total_steps < step:
         raise UsageError(f"--resume with --steps {total_steps}: {path} is already at step {step}. Training to an "
@@ -535,15 +553,24 @@ def prepare_run(args, rank: int, world: int, device: torch.device) -> Run:
     if args.batch_size > len(dataset):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} images): every "
                          f"step would silently train on a smaller batch than asked")
-    last_path = os.path.join(args.out, "last.pt")
+    last_path = checkpoint_path(args)
+    if args.fsdp and args.resume:  # a writer killed between the two renames of its swap: the previous one back
+        if rank == 0:
+            recover_sharded(last_path)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
     # Checked before anything in --out is written, against the resolved total step count.
     state = read_resume_state(last_path, args, args.steps) if args.resume else None
-    if state is None and rank == 0 and os.path.isfile(last_path):
+    if state is None and rank == 0 and os.path.exists(last_path):
         print(f"models.train: warning: {last_path} of an earlier run will be overwritten by this new run (pass "
               f"--resume to continue that run instead)", file=sys.stderr, flush=True)
     if rank == 0:  # temp files of a writer that was killed mid-save
         for name in ("last.pt", "model.pt"):
             clean_stale_tmp(os.path.join(args.out, name))
+        if args.fsdp:
+            clean_stale_sharded(last_path)
     if args.tf32 and device.type == "cuda":  # the official scripts run with TF32 matmuls / convolutions
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -583,8 +610,6 @@ def build_parts(args, run: Run) -> Parts:
     if args.fsdp:
         if run.world == 1:
             raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N > 1)")
-        if args.resume:
-            raise ValueError("--resume is not supported with --fsdp yet (checkpoints are written as full state dicts)")
         shard_for_fsdp(model, ema.model, objective)
     optimizer = torch.optim.AdamW(param_groups([model, objective], args.weight_decay), lr=args.lr, betas=BETAS)
     step_module = TrainStep(model, objective, args.compile)
@@ -601,7 +626,10 @@ def restore(args, run: Run, parts: Parts) -> int:
     own stream (checkpoints of a multi-process run hold one per rank), else every rank would draw rank 0's masks."""
     state, world, rank = run.state, run.world, run.rank
     start_step = 0
-    if state is not None:
+    if state is not None and args.fsdp:  # the shards, resharded by DCP if the world size changed
+        restore_sharded(run, parts, state)
+        start_step = state["step"]
+    elif state is not None:
         parts.model.load_state_dict(state["model"])
         parts.ema.model.load_state_dict(state["ema"])
         parts.objective.load_state_dict(state["objective"])
@@ -649,25 +677,66 @@ def open_log(args, run: Run, start_step: int):
 
 
 def save_checkpoint(args, run: Run, parts: Parts, step: int) -> None:
-    """``last.pt`` (everything ``--resume`` needs, atomically). A collective in a multi-process run: every rank
-    calls it (FSDP gathers the shards, every rank's RNG state is gathered); rank 0 writes."""
-    model, ema, objective = parts.model, parts.ema, parts.objective
-    if args.fsdp:
-        state = {"model": full_state_dict(model), "ema": full_state_dict(ema.model),
-                 "objective": full_state_dict(objective)}
-    else:
-        state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "objective": objective.state_dict(),
-                 "optimizer": parts.optimizer.state_dict()}
+    """Everything ``--resume`` needs, atomically: ``last.pt`` (rank 0 writes the full state), or under FSDP the
+    sharded ``last.dcp/`` (:func:`save_sharded`). A collective in a multi-process run: every rank calls it (every
+    rank's RNG state is gathered)."""
     rng = torch.get_rng_state()
+    info = {"config": run.gpt_config.__dict__, "rng": rng, "step": step, "args": vars(args),
+            "run_config": run.run_config}
     if run.world > 1:
         import torch.distributed as dist
 
         rng_per_rank = [None] * run.world
         dist.all_gather_object(rng_per_rank, rng)
-        state["rng_per_rank"] = rng_per_rank
-    if run.is_main:
-        atomic_save({"config": run.gpt_config.__dict__, **state, "rng": rng, "step": step, "args": vars(args),
-                     "run_config": run.run_config}, run.last_path)
+        info["rng_per_rank"] = rng_per_rank
+    if args.fsdp:
+        save_sharded(run, parts, info)
+    elif run.is_main:
+        model, ema, objective = parts.model, parts.ema, parts.objective
+        atomic_save({"config": info.pop("config"), "model": model.state_dict(), "ema": ema.model.state_dict(),
+                     "objective": objective.state_dict(), "optimizer": parts.optimizer.state_dict(), **info},
+                    run.last_path)
+
+
+def checkpoint_path(args) -> str:
+    """``OUT/last.pt`` (one file, rank 0's full state), or ``OUT/last.dcp`` under ``--fsdp`` (a DCP directory:
+    every rank writes its own shards; no rank ever holds the whole model)."""
+    return os.path.join(args.out, "last.dcp" if args.fsdp else "last.pt")
+
+
+def sharded_state(parts: Parts):
+    """FSDP: ``({"trained": GPT + objective, "ema": EMA GPT, "optimizer": AdamW state}, AdamW param_groups)``, the
+    tensors as this rank's DTensor shards keyed by parameter name (what DCP saves and reshards), the
+    param_groups (plain values) apart: they go into ``meta.pt``, not through DCP's pickles."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    trained, optim = get_state_dict(trained_modules(parts), parts.optimizer)
+    return {"trained": trained, "ema": get_model_state_dict(parts.ema.model), "optimizer": optim["state"]}, \
+        optim["param_groups"]
+
+
+def trained_modules(parts: Parts) -> torch.nn.Module:
+    """The GPT and the objective under one root (the optimizer's parameters, named ``model.*`` / ``objective.*``)."""
+    return torch.nn.ModuleDict({"model": parts.model, "objective": parts.objective})
+
+
+def save_sharded(run: Run, parts: Parts, info: dict) -> None:
+    """``last.dcp/``: the shards through torch.distributed.checkpoint, ``info`` and the optimizer's param_groups
+    as ``meta.pt`` (weights_only-loadable), written atomically (:func:`models.checkpoint.atomic_save_sharded`)."""
+    tensors, param_groups = sharded_state(parts)
+    atomic_save_sharded(tensors, {**info, "optimizer_param_groups": param_groups, "world_size": run.world},
+                        run.last_path)
+
+
+def restore_sharded(run: Run, parts: Parts, meta: dict) -> None:
+    """Load ``last.dcp/`` into the freshly sharded ``parts`` (any world size: DCP reshards)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    tensors, _ = sharded_state(parts)  # the structure to fill (AdamW's state initialised by a zero-lr step)
+    load_sharded(tensors, run.last_path, what="--resume checkpoint")
+    set_state_dict(trained_modules(parts), parts.optimizer, model_state_dict=tensors["trained"],
+                   optim_state_dict={"state": tensors["optimizer"], "param_groups": meta["optimizer_param_groups"]})
+    set_model_state_dict(parts.ema.model, tensors["ema"])
 
 
 def save_sampling_model(args, run: Run, parts: Parts) -> None:
