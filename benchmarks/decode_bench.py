@@ -92,7 +92,7 @@ def main(argv=None):
                         help="e2e: add a speculative Jacobi provider per window (default none: plain sampling only)")
     parser.add_argument("--e2e-eager", action=argparse.BooleanOptionalAction, default=True,
                         help="e2e: time the eager LlamaGen-style loop (the baseline; without it mirai_sampler is)")
-    parser.add_argument("--e2e-draft-init", default="prior", help="e2e: the speculative providers' draft_init")
+    parser.add_argument("--e2e-draft-init", default="adaptive", help="e2e: the speculative providers' draft_init")
     parser.add_argument("--e2e-output-std", type=float, default=0.02,
                         help="e2e: std of the random output layer (LlamaGen zero-inits it; larger = peakier "
                              "conditionals, fewer accepted speculative drafts)")

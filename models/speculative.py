@@ -146,7 +146,8 @@ class JacobiStep:
         same = self.seq[:, None, :] == self.seq[:, src.clamp(min=0)]  # (B, C, L)
         valid = (src >= 0)[None] & (t[None, None, :] < self.n[:, None, None].clamp(max=N))
         agree = (same & valid).sum(-1) / valid.sum(-1).clamp(min=1)  # (B, C)
-        self.conf, best = agree.max(-1)
+        conf, best = agree.max(-1)
+        self.conf.copy_(conf)  # a static buffer, like all step state (CUDA-graph replays write it in place)
         d = self.offsets[best][:, None]
         ref = pos - d * (torch.div(pos - first[:, None], d, rounding_mode="floor") + 1)
         ref = torch.where(ref >= 0, ref, first[:, None] - 1)
