@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -89,8 +90,105 @@ static inline float exp_approx(float x) {
 #define MIRAI_CLONES
 #endif
 
+// AVX-512 versions of the row operations, picked at run time (the build targets the baseline x86-64, and GCC's
+// auto-vectorised clones of these loops spend as long on masks, serial horizontal sums and scalar tails as on the
+// work: the exp and the row max were ~25% of the forward). Tails use masked loads/stores, so short rows (the
+// diagonal block's 1..64 columns) stay vectorised. MIRAI_CPU_NO_AVX512=1 forces the portable loops (tests).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MIRAI_HAVE_AVX512_PATH 1
+#include <immintrin.h>
+#define MIRAI_AVX512 __attribute__((target("avx512f")))
+
+MIRAI_AVX512 static inline __mmask16 tail_mask(int rem) { return (__mmask16)((1u << rem) - 1u); }
+
+// exp_approx on 16 lanes: same clamp, reduction and polynomial; 2^n applied with scalef. max/min take the input
+// as their second operand so a NaN lane stays NaN (VMAXPS/VMINPS return the second operand when unordered).
+MIRAI_AVX512 static inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+MIRAI_AVX512 static float exp_shift_sum_avx512(const float* s, float* p, int n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), sh));
+    const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j + 16), sh));
+    _mm512_storeu_ps(p + j, e0);
+    _mm512_storeu_ps(p + j + 16, e1);
+    acc0 = _mm512_add_ps(acc0, e0);
+    acc1 = _mm512_add_ps(acc1, e1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), sh));
+    _mm512_mask_storeu_ps(p + j, k, e);
+    acc0 = _mm512_mask_add_ps(acc0, k, acc0, e);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// Max over the non-NaN entries (-inf when none): the loaded value is the first operand, so a NaN lane keeps the
+// running max.
+MIRAI_AVX512 static float row_max_avx512(const float* s, int n) {
+  __m512 m0 = _mm512_set1_ps(kNegInf), m1 = m0;
+  int j = 0;
+  for (; j + 32 <= n; j += 32) {
+    m0 = _mm512_max_ps(_mm512_loadu_ps(s + j), m0);
+    m1 = _mm512_max_ps(_mm512_loadu_ps(s + j + 16), m1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+    m0 = _mm512_mask_max_ps(m0, k, _mm512_maskz_loadu_ps(k, s + j), m0);
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+// out[j] = p[j] * (dp[j] - d); out may alias dp.
+MIRAI_AVX512 static void softmax_grad_avx512(const float* p, const float* dp, float* out, int n, float d) {
+  const __m512 dv = _mm512_set1_ps(d);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+    const __m512 g = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + j),
+                                   _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), dv));
+    _mm512_mask_storeu_ps(out + j, k, g);
+  }
+}
+
+MIRAI_AVX512 static float row_dot_avx512(const float* a, const float* b, int n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + j), _mm512_maskz_loadu_ps(k, b + j), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+static bool use_avx512() {
+  static const bool on = [] {
+    const char* off = std::getenv("MIRAI_CPU_NO_AVX512");
+    return __builtin_cpu_supports("avx512f") && !(off != nullptr && off[0] != '\0' && off[0] != '0');
+  }();
+  return on;
+}
+#else
+static bool use_avx512() { return false; }
+#endif
+
 // p[j] = exp(s[j] - shift) for j < n; returns the sum.
-MIRAI_CLONES float exp_shift_sum(const float* s, float* p, int n, float shift) {
+MIRAI_CLONES float exp_shift_sum_portable(const float* s, float* p, int n, float shift) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < n; ++j) {
@@ -101,17 +199,41 @@ MIRAI_CLONES float exp_shift_sum(const float* s, float* p, int n, float shift) {
   return sum;
 }
 
-// ds[j] = p[j] * (dp[j] - d) for j < n, in place on dp.
-MIRAI_CLONES void softmax_grad(const float* p, float* dp, int n, float d) {
-#pragma omp simd
-  for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
+static inline float exp_shift_sum(const float* s, float* p, int n, float shift) {
+#ifdef MIRAI_HAVE_AVX512_PATH
+  if (use_avx512()) return exp_shift_sum_avx512(s, p, n, shift);
+#endif
+  return exp_shift_sum_portable(s, p, n, shift);
 }
 
-MIRAI_CLONES float row_dot(const float* a, const float* b, int n) {
+// out[j] = p[j] * (dp[j] - d) for j < n; out may alias dp.
+MIRAI_CLONES void softmax_grad_portable(const float* p, const float* dp, float* out, int n, float d) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) out[j] = p[j] * (dp[j] - d);
+}
+
+static inline void softmax_grad_to(const float* p, const float* dp, float* out, int n, float d) {
+#ifdef MIRAI_HAVE_AVX512_PATH
+  if (use_avx512()) return softmax_grad_avx512(p, dp, out, n, d);
+#endif
+  softmax_grad_portable(p, dp, out, n, d);
+}
+
+// ds[j] = p[j] * (dp[j] - d) for j < n, in place on dp.
+static inline void softmax_grad(const float* p, float* dp, int n, float d) { softmax_grad_to(p, dp, dp, n, d); }
+
+MIRAI_CLONES float row_dot_portable(const float* a, const float* b, int n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int j = 0; j < n; ++j) acc += a[j] * b[j];
   return acc;
+}
+
+static inline float row_dot(const float* a, const float* b, int n) {
+#ifdef MIRAI_HAVE_AVX512_PATH
+  if (use_avx512()) return row_dot_avx512(a, b, n);
+#endif
+  return row_dot_portable(a, b, n);
 }
 
 // out[j] = x[j] + alpha * y[j]; out may alias x.
@@ -120,7 +242,7 @@ MIRAI_CLONES void axpy_row(const float* x, const float* y, float alpha, float* o
   for (int j = 0; j < n; ++j) out[j] = x[j] + alpha * y[j];
 }
 
-MIRAI_CLONES float row_max(const float* s, int n) {
+MIRAI_CLONES float row_max_portable(const float* s, int n) {
   // 16 independent lanes: a plain max reduction does not vectorise without -ffast-math.
   float lanes[16];
   for (int l = 0; l < 16; ++l) lanes[l] = kNegInf;
@@ -133,16 +255,28 @@ MIRAI_CLONES float row_max(const float* s, int n) {
   return m;
 }
 
+static inline float row_max(const float* s, int n) {
+#ifdef MIRAI_HAVE_AVX512_PATH
+  if (use_avx512()) return row_max_avx512(s, n);
+#endif
+  return row_max_portable(s, n);
+}
+
 MIRAI_CLONES void scale_row(float* x, int n, float a) {
 #pragma omp simd
   for (int j = 0; j < n; ++j) x[j] *= a;
 }
 
 // True when rows x dim values (row stride ld) are all finite.
-static bool rows_finite(const float* x, int ld, int rows, int dim) {
-  for (int i = 0; i < rows; ++i)
-    for (int d = 0; d < dim; ++d)
-      if (!std::isfinite(x[(size_t)i * ld + d])) return false;
+// x * 0 is 0 for finite x and NaN for NaN/Inf, so one vectorised sum per row tells (no branch per element).
+MIRAI_CLONES static bool rows_finite(const float* x, int ld, int rows, int dim) {
+  for (int i = 0; i < rows; ++i) {
+    const float* row = x + (size_t)i * ld;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int d = 0; d < dim; ++d) acc += row[d] * 0.f;
+    if (acc != 0.f) return false;
+  }
   return true;
 }
 
@@ -474,7 +608,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 const float* dpu = dpu_buf.data() + (size_t)r * n;
                 std::fill(pu, pu + r + 1, 0.f);
                 exp_shift_sum(s + r + 1, pu + r + 1, n - r - 1, lseU[i]);
-                for (int j = r + 1; j < n; ++j) dpc[j] = pu[j] * (dpu[j] - DU[i]);
+                softmax_grad_to(pu + r + 1, dpu + r + 1, dpc + r + 1, n - r - 1, DU[i]);
               } else {
                 std::fill(dpc + r + 1, dpc + n, 0.f);
               }
