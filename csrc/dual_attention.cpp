@@ -267,6 +267,36 @@ MIRAI_CLONES void scale_row(float* x, int n, float a) {
   for (int j = 0; j < n; ++j) x[j] *= a;
 }
 
+// The finishing stores of a forward row (out = a * sa, or the merge a * sa + b * sb), as separate functions so
+// they get vector clones: inlined into the forward they compiled to 4-wide SSE with spills, ~10% of the forward.
+MIRAI_CLONES void scale_store_f32(const float* a, float sa, float* out, int n) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) out[j] = a[j] * sa;
+}
+
+MIRAI_CLONES void merge_store_f32(const float* a, float sa, const float* b, float sb, float* out, int n) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) out[j] = a[j] * sa + b[j] * sb;
+}
+
+template <typename T>
+void scale_store(const float* a, float sa, T* out, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    scale_store_f32(a, sa, out, n);
+  } else {
+    for (int j = 0; j < n; ++j) out[j] = static_cast<T>(a[j] * sa);
+  }
+}
+
+template <typename T>
+void merge_store(const float* a, float sa, const float* b, float sb, T* out, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    merge_store_f32(a, sa, b, sb, out, n);
+  } else {
+    for (int j = 0; j < n; ++j) out[j] = static_cast<T>(a[j] * sa + b[j] * sb);
+  }
+}
+
 // True when rows x dim values (row stride ld) are all finite.
 // x * 0 is 0 for finite x and NaN for NaN/Inf, so one vectorised sum per row tells (no branch per element).
 MIRAI_CLONES static bool rows_finite(const float* x, int ld, int rows, int dim) {
@@ -430,7 +460,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             // l = 0: every visible score was -inf, nothing attended (zeros, lse -inf); a NaN l propagates.
             const bool any = C.l[r] != 0.f;
             const float inv = any ? 1.f / C.l[r] : 0.f;
-            for (int d = 0; d < D; ++d) oc[orow + d] = static_cast<T>(ac[d] * inv);
+            scale_store(ac, inv, oc + orow, D);
             lc[(b * H + h) * S + i] = any ? C.m[r] + std::log(C.l[r]) : kNegInf;
           }
           if (want_b && C.l[r] == 0.f && U.l[r] == 0.f) {  // nothing attended (see above)
@@ -442,7 +472,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             const float wu = U.l[r] > 0.f ? std::exp(U.m[r] - mx) : 0.f;
             const float denom = C.l[r] * wc + U.l[r] * wu;
             const float ic = wc / denom, iu = wu / denom;
-            for (int d = 0; d < D; ++d) ob[orow + d] = static_cast<T>(ac[d] * ic + au[d] * iu);
+            merge_store(ac, ic, au, iu, ob + orow, D);
             lb[(b * H + h) * S + i] = mx + std::log(denom);
           }
         }
@@ -625,15 +655,14 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         }
         T* dqrow = dqp + (b * S * H + h) * D;
         for (int i = 0; i < S; ++i)
-          for (int d = 0; d < D; ++d) dqrow[(int64_t)i * H * D + d] = static_cast<T>(softmax_scale * dQ[(size_t)i * D + d]);
+          scale_store(dQ.data() + (size_t)i * D, softmax_scale, dqrow + (int64_t)i * H * D, D);
       }
       T* dkrow = dkp + (b * S * Hk + hk) * D;
       T* dvrow = dvp + (b * S * Hk + hk) * D;
-      for (int i = 0; i < S; ++i)
-        for (int d = 0; d < D; ++d) {
-          dkrow[(int64_t)i * Hk * D + d] = static_cast<T>(dK[(size_t)i * D + d]);
-          dvrow[(int64_t)i * Hk * D + d] = static_cast<T>(dV[(size_t)i * D + d]);
-        }
+      for (int i = 0; i < S; ++i) {
+        scale_store(dK.data() + (size_t)i * D, 1.f, dkrow + (int64_t)i * Hk * D, D);
+        scale_store(dV.data() + (size_t)i * D, 1.f, dvrow + (int64_t)i * Hk * D, D);
+      }
     }
   });
 }
