@@ -98,6 +98,10 @@ static inline float exp_approx(float x) {
 #define MIRAI_HAVE_AVX512_PATH 1
 #include <immintrin.h>
 #define MIRAI_AVX512 __attribute__((target("avx512f")))
+// GCC 12 flags its own masked-load intrinsics (_mm512_undefined_ps inside) as "used uninitialized": false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 MIRAI_AVX512 static inline __mmask16 tail_mask(int rem) { return (__mmask16)((1u << rem) - 1u); }
 
@@ -183,6 +187,7 @@ static bool use_avx512() {
   }();
   return on;
 }
+#pragma GCC diagnostic pop
 #else
 static bool use_avx512() { return false; }
 #endif
