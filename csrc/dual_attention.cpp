@@ -302,6 +302,19 @@ void merge_store(const float* a, float sa, const float* b, float sb, T* out, int
   }
 }
 
+// Rows of (B, S, H, D) tensors are H * D * 4 bytes apart (3 KiB for 12 heads of 64), beyond the strides the
+// hardware prefetchers follow, so the row loops that read or write them cold (D = rowsum(dO * O), the output
+// write-out) touch `ahead` rows early: ~4% of the backward went to those misses.
+template <typename T>
+static inline void prefetch_row(const T* row, int n, bool write) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (size_t off = 0; off < n * sizeof(T); off += 64) {
+    if (write) __builtin_prefetch(p + off, 1, 3);
+    else __builtin_prefetch(p + off, 0, 3);
+  }
+}
+constexpr int kPrefetchRows = 4;
+
 // True when rows x dim values (row stride ld) are all finite.
 // x * 0 is 0 for finite x and NaN for NaN/Inf, so one vectorised sum per row tells (no branch per element).
 MIRAI_CLONES static bool rows_finite(const float* x, int ld, int rows, int dim) {
@@ -461,6 +474,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const float* ac = C.acc.data() + (size_t)r * D;
           const float* au = U.acc.data() + (size_t)r * D;
           const int64_t orow = ((b * S + i) * H + h) * D;
+          if (r + kPrefetchRows < bq) {
+            const int64_t ahead = orow + (int64_t)kPrefetchRows * H * D;
+            if (want_c) prefetch_row(oc + ahead, D, true);
+            if (want_b) prefetch_row(ob + ahead, D, true);
+          }
           if (want_c) {
             // l = 0: every visible score was -inf, nothing attended (zeros, lse -inf); a NaN l propagates.
             const bool any = C.l[r] != 0.f;
@@ -573,6 +591,10 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
           const float* Oh = head_rows(op + b * so.b + h * so.h, so.s, S, D, tmp.data(), ld_o);
           const float* dOh = head_rows(dop + b * sdo.b + h * sdo.h, sdo.s, S, D, dO_buf.data(), ld_do);
           for (int i = 0; i < S; ++i) {
+            if (i + kPrefetchRows < S) {
+              prefetch_row(dOh + (size_t)(i + kPrefetchRows) * ld_do, D, false);
+              prefetch_row(Oh + (size_t)(i + kPrefetchRows) * ld_o, D, false);
+            }
             Dr[i] = row_dot(dOh + (size_t)i * ld_do, Oh + (size_t)i * ld_o, D);
             lse[i] = lsep[(b * H + h) * S + i];
           }
@@ -659,12 +681,18 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
           }
         }
         T* dqrow = dqp + (b * S * H + h) * D;
-        for (int i = 0; i < S; ++i)
+        for (int i = 0; i < S; ++i) {
+          if (i + kPrefetchRows < S) prefetch_row(dqrow + (int64_t)(i + kPrefetchRows) * H * D, D, true);
           scale_store(dQ.data() + (size_t)i * D, softmax_scale, dqrow + (int64_t)i * H * D, D);
+        }
       }
       T* dkrow = dkp + (b * S * Hk + hk) * D;
       T* dvrow = dvp + (b * S * Hk + hk) * D;
       for (int i = 0; i < S; ++i) {
+        if (i + kPrefetchRows < S) {
+          prefetch_row(dkrow + (int64_t)(i + kPrefetchRows) * Hk * D, D, true);
+          prefetch_row(dvrow + (int64_t)(i + kPrefetchRows) * Hk * D, D, true);
+        }
         scale_store(dK.data() + (size_t)i * D, 1.f, dkrow + (int64_t)i * Hk * D, D);
         scale_store(dV.data() + (size_t)i * D, 1.f, dvrow + (int64_t)i * Hk * D, D);
       }
