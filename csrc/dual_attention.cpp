@@ -11,7 +11,8 @@
 // last dim contiguous): fp32 heads are read in place through their row strides, bf16/fp16 heads are widened into
 // fp32 scratch per task, so every product accumulates in fp32.
 // Matrix products go to the BLAS torch links (sgemm_, MKL in the pip wheels), looked up weakly so a torch without
-// it still loads this library and uses the plain loops below.
+// it still loads this library and uses the plain loops below. The row operations between the products (max,
+// exp-sum, softmax gradient) have AVX-512 versions picked at run time; profile notes at their definitions.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
