@@ -14,11 +14,22 @@ outputs), ``fwdbwd``. FLOPs (the useful work, the same for every provider of a c
 times): one attention forward is ``4 B S^2 H D`` with a causal one counted at half, so both outputs are
 ``1.5 x 4 B S^2 H D`` forward, ``x 2.5`` for backward, ``x 3.5`` for fwd+bwd. Memory: peak allocated bytes over
 the call on GPU; on CPU the bytes autograd saves for backward during the forward (``saved_bytes``).
+
+CPU: every case runs at each of ``--thread-counts`` (default ``1`` and all cores) and records process-CPU time per
+call (``cpu_ms``, median of ``--cpu-reps`` calls, beside their median wall time ``wall_ms``) next to the harness's
+wall-clock median (``ms``): on a loaded machine the wall ratio can be faked or hidden by other processes, the CPU
+ratio much less so (at N threads it is the summed CPU of all of them). Ratios of both go in the summary.
+
+    python benchmarks/attn_bench.py --no-flex --no-naive --no-causal-table --seqlens 256 257 576 577 \
+        --modes fwd fwdbwd --thread-counts 1 2 --json benchmarks/results/attn_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -69,21 +80,34 @@ def main(argv=None):
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes ~10 s/shape)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive eager provider")
     parser.add_argument("--no-causal-table", action="store_true", help="skip the causal-only comparison")
+    parser.add_argument("--thread-counts", type=int, nargs="+", default=None,
+                        help="CPU: run every case at each torch thread count (0 = all cores); default 1 and all, "
+                             "or just --threads when given")
+    parser.add_argument("--cpu-reps", type=int, default=15, help="CPU: calls timed one by one for cpu_ms / wall_ms")
     args = parser.parse_args(argv)
     device = setup_from_args(args)
+    if device.type != "cpu":
+        thread_counts = [None]
+    elif args.thread_counts:
+        thread_counts = [n or os.cpu_count() for n in args.thread_counts]
+    elif args.threads:
+        thread_counts = [args.threads]
+    else:
+        thread_counts = sorted({1, os.cpu_count() or 1})
     batch = args.batch or (32 if device.type == "cuda" else 2)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     heads, kv_heads, head_dim = args.heads, args.kv_heads or args.heads, args.head_dim
 
-    def cases_for(kind):
+    def cases_for(kind, threads):
         out = []
+        tag = f" thr={threads}" if threads else ""
         for seqlen in args.seqlens:
             base = 4.0 * batch * seqlen * seqlen * heads * head_dim
             for mode in args.modes:
                 useful = (1.5 if kind == "both" else 0.5) * base * MODE_FLOP_FACTOR[mode]
-                out.append(Case(name=f"{kind} S={seqlen} {mode}",
+                out.append(Case(name=f"{kind} S={seqlen} {mode}{tag}",
                                 params=dict(kind=kind, batch=batch, seqlen=seqlen, heads=heads, kv_heads=kv_heads,
-                                            head_dim=head_dim, dtype=str(dtype), mode=mode),
+                                            head_dim=head_dim, dtype=str(dtype), mode=mode, threads=threads),
                                 flops=useful))
         return out
 
@@ -156,14 +180,22 @@ def main(argv=None):
         return providers
 
     def memory(case, name, fn):
-        # GPU: peak bytes of the timed call; CPU: see saved_bytes_table (what the forward keeps for backward).
-        return {"peak_bytes": peak_memory_bytes(fn, device)} if device.type == "cuda" else None
+        # GPU: peak bytes of the timed call; CPU: see saved_bytes_table (what the forward keeps for backward), and
+        # the process-CPU time per call (this hook runs right after the harness timed fn).
+        if device.type == "cuda":
+            return {"peak_bytes": peak_memory_bytes(fn, device)}
+        return cpu_and_wall_ms(fn, args.cpu_reps)
 
-    results = run_cases(cases_for("both"), make_providers, baseline="sdpa_x2", device=device, args=args,
-                        memory=memory)
-    if not args.no_causal_table:
-        results += run_cases(cases_for("causal"), make_providers, baseline="sdpa_causal", device=device,
+    results = []
+    for threads in thread_counts:
+        if threads:
+            torch.set_num_threads(threads)
+        results += run_cases(cases_for("both", threads), make_providers, baseline="sdpa_x2", device=device,
                              args=args, memory=memory)
+        if not args.no_causal_table:
+            results += run_cases(cases_for("causal", threads), make_providers, baseline="sdpa_causal",
+                                 device=device, args=args, memory=memory)
+    add_cpu_ratios(results)
     if device.type == "cpu":
         saved = saved_bytes_table(batch, heads, kv_heads, head_dim, args.seqlens, dtype, device)
         for seqlen, row in saved.items():
@@ -179,6 +211,9 @@ def main(argv=None):
         "flops": "both outputs: 1.5 * 4*B*S^2*H*D forward (causal counted at half), x2.5 backward, x3.5 fwd+bwd; "
                  "causal only: 0.5 * 4*B*S^2*H*D with the same factors",
         "baselines": "sdpa_x2 = F.scaled_dot_product_attention causal + full; sdpa_causal for the causal-only table",
+        "cpu_time": "CPU: ms = harness wall median (blocked_autorange); cpu_ms / wall_ms = medians of --cpu-reps "
+                    "single calls (process CPU over all threads / wall); cpu_speedup_vs_baseline from cpu_ms",
+        "thread_counts": thread_counts,
         "saved_bytes_cpu": notes_saved,
         "summary": summary,
     })
@@ -205,13 +240,36 @@ def saved_bytes_table(batch, heads, kv_heads, head_dim, seqlens, dtype, device):
     return out
 
 
+def cpu_and_wall_ms(fn, reps):
+    """Median process-CPU and wall milliseconds of ``reps`` single calls of ``fn`` (CPU device)."""
+    fn()
+    cpu, wall = [], []
+    for _ in range(reps):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return {"cpu_ms": statistics.median(cpu) * 1e3, "wall_ms": statistics.median(wall) * 1e3}
+
+
+def add_cpu_ratios(results):
+    """``cpu_speedup_vs_baseline`` (baseline process-CPU time / provider's) beside the wall ratio."""
+    for row in results:
+        base = next((e for n, e in row["providers"].items() if n.startswith("sdpa") and "cpu_ms" in e), None)
+        for entry in row["providers"].values():
+            if base is not None and "cpu_ms" in entry:
+                entry["cpu_speedup_vs_baseline"] = base["cpu_ms"] / entry["cpu_ms"]
+
+
 def summarize(results):
     lines = []
     for row in results:
         for name, entry in row["providers"].items():
             if "speedup_vs_baseline" in entry and not name.startswith(("sdpa",)):
-                lines.append(f"{row['case']:<28} {name:<14} {entry['speedup_vs_baseline']:5.2f}x  "
-                             f"({entry['ms']:.2f} ms)")
+                line = f"{row['case']:<34} {name:<14} wall {entry['speedup_vs_baseline']:5.2f}x ({entry['ms']:.2f} ms)"
+                if "cpu_speedup_vs_baseline" in entry:
+                    line += f"  cpu {entry['cpu_speedup_vs_baseline']:5.2f}x ({entry['cpu_ms']:.2f} ms)"
+                lines.append(line)
     return lines
 
 

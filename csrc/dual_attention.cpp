@@ -11,7 +11,8 @@
 // last dim contiguous): fp32 heads are read in place through their row strides, bf16/fp16 heads are widened into
 // fp32 scratch per task, so every product accumulates in fp32.
 // Matrix products go to the BLAS torch links (sgemm_, MKL in the pip wheels), looked up weakly so a torch without
-// it still loads this library and uses the plain loops below.
+// it still loads this library and uses the plain loops below. The row operations between the products (max,
+// exp-sum, softmax gradient) have AVX-512 versions picked at run time; profile notes at their definitions.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -89,8 +91,110 @@ static inline float exp_approx(float x) {
 #define MIRAI_CLONES
 #endif
 
+// AVX-512 versions of the row operations, picked at run time (the build targets the baseline x86-64, and GCC's
+// auto-vectorised clones of these loops spend as long on masks, serial horizontal sums and scalar tails as on the
+// work: the exp and the row max were ~25% of the forward). Tails use masked loads/stores, so short rows (the
+// diagonal block's 1..64 columns) stay vectorised. MIRAI_CPU_NO_AVX512=1 forces the portable loops (tests).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MIRAI_HAVE_AVX512_PATH 1
+#include <immintrin.h>
+#define MIRAI_AVX512 __attribute__((target("avx512f")))
+// GCC 12 flags its own masked-load intrinsics (_mm512_undefined_ps inside) as "used uninitialized": false positive.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+MIRAI_AVX512 static inline __mmask16 tail_mask(int rem) { return (__mmask16)((1u << rem) - 1u); }
+
+// exp_approx on 16 lanes: same clamp, reduction and polynomial; 2^n applied with scalef. max/min take the input
+// as their second operand so a NaN lane stays NaN (VMAXPS/VMINPS return the second operand when unordered).
+MIRAI_AVX512 static inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+MIRAI_AVX512 static float exp_shift_sum_avx512(const float* s, float* p, int n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), sh));
+    const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j + 16), sh));
+    _mm512_storeu_ps(p + j, e0);
+    _mm512_storeu_ps(p + j + 16, e1);
+    acc0 = _mm512_add_ps(acc0, e0);
+    acc1 = _mm512_add_ps(acc1, e1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), sh));
+    _mm512_mask_storeu_ps(p + j, k, e);
+    acc0 = _mm512_mask_add_ps(acc0, k, acc0, e);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// Max over the non-NaN entries (-inf when none): the loaded value is the first operand, so a NaN lane keeps the
+// running max.
+MIRAI_AVX512 static float row_max_avx512(const float* s, int n) {
+  __m512 m0 = _mm512_set1_ps(kNegInf), m1 = m0;
+  int j = 0;
+  for (; j + 32 <= n; j += 32) {
+    m0 = _mm512_max_ps(_mm512_loadu_ps(s + j), m0);
+    m1 = _mm512_max_ps(_mm512_loadu_ps(s + j + 16), m1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+    m0 = _mm512_mask_max_ps(m0, k, _mm512_maskz_loadu_ps(k, s + j), m0);
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+// out[j] = p[j] * (dp[j] - d); out may alias dp.
+MIRAI_AVX512 static void softmax_grad_avx512(const float* p, const float* dp, float* out, int n, float d) {
+  const __m512 dv = _mm512_set1_ps(d);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+    const __m512 g = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + j),
+                                   _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), dv));
+    _mm512_mask_storeu_ps(out + j, k, g);
+  }
+}
+
+MIRAI_AVX512 static float row_dot_avx512(const float* a, const float* b, int n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + j), _mm512_maskz_loadu_ps(k, b + j), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+static bool use_avx512() {
+  static const bool on = [] {
+    const char* off = std::getenv("MIRAI_CPU_NO_AVX512");
+    return __builtin_cpu_supports("avx512f") && !(off != nullptr && off[0] != '\0' && off[0] != '0');
+  }();
+  return on;
+}
+#pragma GCC diagnostic pop
+#else
+static bool use_avx512() { return false; }
+#endif
+
 // p[j] = exp(s[j] - shift) for j < n; returns the sum.
-MIRAI_CLONES float exp_shift_sum(const float* s, float* p, int n, float shift) {
+MIRAI_CLONES float exp_shift_sum_portable(const float* s, float* p, int n, float shift) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < n; ++j) {
@@ -101,17 +205,41 @@ MIRAI_CLONES float exp_shift_sum(const float* s, float* p, int n, float shift) {
   return sum;
 }
 
-// ds[j] = p[j] * (dp[j] - d) for j < n, in place on dp.
-MIRAI_CLONES void softmax_grad(const float* p, float* dp, int n, float d) {
-#pragma omp simd
-  for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
+static inline float exp_shift_sum(const float* s, float* p, int n, float shift) {
+#ifdef MIRAI_HAVE_AVX512_PATH
+  if (use_avx512()) return exp_shift_sum_avx512(s, p, n, shift);
+#endif
+  return exp_shift_sum_portable(s, p, n, shift);
 }
 
-MIRAI_CLONES float row_dot(const float* a, const float* b, int n) {
+// out[j] = p[j] * (dp[j] - d) for j < n; out may alias dp.
+MIRAI_CLONES void softmax_grad_portable(const float* p, const float* dp, float* out, int n, float d) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) out[j] = p[j] * (dp[j] - d);
+}
+
+static inline void softmax_grad_to(const float* p, const float* dp, float* out, int n, float d) {
+#ifdef MIRAI_HAVE_AVX512_PATH
+  if (use_avx512()) return softmax_grad_avx512(p, dp, out, n, d);
+#endif
+  softmax_grad_portable(p, dp, out, n, d);
+}
+
+// ds[j] = p[j] * (dp[j] - d) for j < n, in place on dp.
+static inline void softmax_grad(const float* p, float* dp, int n, float d) { softmax_grad_to(p, dp, dp, n, d); }
+
+MIRAI_CLONES float row_dot_portable(const float* a, const float* b, int n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int j = 0; j < n; ++j) acc += a[j] * b[j];
   return acc;
+}
+
+static inline float row_dot(const float* a, const float* b, int n) {
+#ifdef MIRAI_HAVE_AVX512_PATH
+  if (use_avx512()) return row_dot_avx512(a, b, n);
+#endif
+  return row_dot_portable(a, b, n);
 }
 
 // out[j] = x[j] + alpha * y[j]; out may alias x.
@@ -120,7 +248,7 @@ MIRAI_CLONES void axpy_row(const float* x, const float* y, float alpha, float* o
   for (int j = 0; j < n; ++j) out[j] = x[j] + alpha * y[j];
 }
 
-MIRAI_CLONES float row_max(const float* s, int n) {
+MIRAI_CLONES float row_max_portable(const float* s, int n) {
   // 16 independent lanes: a plain max reduction does not vectorise without -ffast-math.
   float lanes[16];
   for (int l = 0; l < 16; ++l) lanes[l] = kNegInf;
@@ -133,16 +261,71 @@ MIRAI_CLONES float row_max(const float* s, int n) {
   return m;
 }
 
+static inline float row_max(const float* s, int n) {
+#ifdef MIRAI_HAVE_AVX512_PATH
+  if (use_avx512()) return row_max_avx512(s, n);
+#endif
+  return row_max_portable(s, n);
+}
+
 MIRAI_CLONES void scale_row(float* x, int n, float a) {
 #pragma omp simd
   for (int j = 0; j < n; ++j) x[j] *= a;
 }
 
+// The finishing stores of a forward row (out = a * sa, or the merge a * sa + b * sb), as separate functions so
+// they get vector clones: inlined into the forward they compiled to 4-wide SSE with spills, ~10% of the forward.
+MIRAI_CLONES void scale_store_f32(const float* a, float sa, float* out, int n) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) out[j] = a[j] * sa;
+}
+
+MIRAI_CLONES void merge_store_f32(const float* a, float sa, const float* b, float sb, float* out, int n) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) out[j] = a[j] * sa + b[j] * sb;
+}
+
+template <typename T>
+void scale_store(const float* a, float sa, T* out, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    scale_store_f32(a, sa, out, n);
+  } else {
+    for (int j = 0; j < n; ++j) out[j] = static_cast<T>(a[j] * sa);
+  }
+}
+
+template <typename T>
+void merge_store(const float* a, float sa, const float* b, float sb, T* out, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    merge_store_f32(a, sa, b, sb, out, n);
+  } else {
+    for (int j = 0; j < n; ++j) out[j] = static_cast<T>(a[j] * sa + b[j] * sb);
+  }
+}
+
+// Rows of (B, S, H, D) tensors are H * D * 4 bytes apart (3 KiB for 12 heads of 64), beyond the strides the
+// hardware prefetchers follow, so the row loops that read or write them cold (D = rowsum(dO * O), the output
+// write-out) touch `ahead` rows early: ~4% of the backward went to those misses.
+template <typename T>
+static inline void prefetch_row(const T* row, int n, bool write) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (size_t off = 0; off < n * sizeof(T); off += 64) {
+    if (write) __builtin_prefetch(p + off, 1, 3);
+    else __builtin_prefetch(p + off, 0, 3);
+  }
+}
+constexpr int kPrefetchRows = 4;
+
 // True when rows x dim values (row stride ld) are all finite.
-static bool rows_finite(const float* x, int ld, int rows, int dim) {
-  for (int i = 0; i < rows; ++i)
-    for (int d = 0; d < dim; ++d)
-      if (!std::isfinite(x[(size_t)i * ld + d])) return false;
+// x * 0 is 0 for finite x and NaN for NaN/Inf, so one vectorised sum per row tells (no branch per element).
+MIRAI_CLONES static bool rows_finite(const float* x, int ld, int rows, int dim) {
+  for (int i = 0; i < rows; ++i) {
+    const float* row = x + (size_t)i * ld;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int d = 0; d < dim; ++d) acc += row[d] * 0.f;
+    if (acc != 0.f) return false;
+  }
   return true;
 }
 
@@ -292,11 +475,16 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           const float* ac = C.acc.data() + (size_t)r * D;
           const float* au = U.acc.data() + (size_t)r * D;
           const int64_t orow = ((b * S + i) * H + h) * D;
+          if (r + kPrefetchRows < bq) {
+            const int64_t ahead = orow + (int64_t)kPrefetchRows * H * D;
+            if (want_c) prefetch_row(oc + ahead, D, true);
+            if (want_b) prefetch_row(ob + ahead, D, true);
+          }
           if (want_c) {
             // l = 0: every visible score was -inf, nothing attended (zeros, lse -inf); a NaN l propagates.
             const bool any = C.l[r] != 0.f;
             const float inv = any ? 1.f / C.l[r] : 0.f;
-            for (int d = 0; d < D; ++d) oc[orow + d] = static_cast<T>(ac[d] * inv);
+            scale_store(ac, inv, oc + orow, D);
             lc[(b * H + h) * S + i] = any ? C.m[r] + std::log(C.l[r]) : kNegInf;
           }
           if (want_b && C.l[r] == 0.f && U.l[r] == 0.f) {  // nothing attended (see above)
@@ -308,7 +496,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             const float wu = U.l[r] > 0.f ? std::exp(U.m[r] - mx) : 0.f;
             const float denom = C.l[r] * wc + U.l[r] * wu;
             const float ic = wc / denom, iu = wu / denom;
-            for (int d = 0; d < D; ++d) ob[orow + d] = static_cast<T>(ac[d] * ic + au[d] * iu);
+            merge_store(ac, ic, au, iu, ob + orow, D);
             lb[(b * H + h) * S + i] = mx + std::log(denom);
           }
         }
@@ -404,6 +592,10 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
           const float* Oh = head_rows(op + b * so.b + h * so.h, so.s, S, D, tmp.data(), ld_o);
           const float* dOh = head_rows(dop + b * sdo.b + h * sdo.h, sdo.s, S, D, dO_buf.data(), ld_do);
           for (int i = 0; i < S; ++i) {
+            if (i + kPrefetchRows < S) {
+              prefetch_row(dOh + (size_t)(i + kPrefetchRows) * ld_do, D, false);
+              prefetch_row(Oh + (size_t)(i + kPrefetchRows) * ld_o, D, false);
+            }
             Dr[i] = row_dot(dOh + (size_t)i * ld_do, Oh + (size_t)i * ld_o, D);
             lse[i] = lsep[(b * H + h) * S + i];
           }
@@ -474,7 +666,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 const float* dpu = dpu_buf.data() + (size_t)r * n;
                 std::fill(pu, pu + r + 1, 0.f);
                 exp_shift_sum(s + r + 1, pu + r + 1, n - r - 1, lseU[i]);
-                for (int j = r + 1; j < n; ++j) dpc[j] = pu[j] * (dpu[j] - DU[i]);
+                softmax_grad_to(pu + r + 1, dpu + r + 1, dpc + r + 1, n - r - 1, DU[i]);
               } else {
                 std::fill(dpc + r + 1, dpc + n, 0.f);
               }
@@ -490,16 +682,21 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
           }
         }
         T* dqrow = dqp + (b * S * H + h) * D;
-        for (int i = 0; i < S; ++i)
-          for (int d = 0; d < D; ++d) dqrow[(int64_t)i * H * D + d] = static_cast<T>(softmax_scale * dQ[(size_t)i * D + d]);
+        for (int i = 0; i < S; ++i) {
+          if (i + kPrefetchRows < S) prefetch_row(dqrow + (int64_t)(i + kPrefetchRows) * H * D, D, true);
+          scale_store(dQ.data() + (size_t)i * D, softmax_scale, dqrow + (int64_t)i * H * D, D);
+        }
       }
       T* dkrow = dkp + (b * S * Hk + hk) * D;
       T* dvrow = dvp + (b * S * Hk + hk) * D;
-      for (int i = 0; i < S; ++i)
-        for (int d = 0; d < D; ++d) {
-          dkrow[(int64_t)i * Hk * D + d] = static_cast<T>(dK[(size_t)i * D + d]);
-          dvrow[(int64_t)i * Hk * D + d] = static_cast<T>(dV[(size_t)i * D + d]);
+      for (int i = 0; i < S; ++i) {
+        if (i + kPrefetchRows < S) {
+          prefetch_row(dkrow + (int64_t)(i + kPrefetchRows) * Hk * D, D, true);
+          prefetch_row(dvrow + (int64_t)(i + kPrefetchRows) * Hk * D, D, true);
         }
+        scale_store(dK.data() + (size_t)i * D, 1.f, dkrow + (int64_t)i * Hk * D, D);
+        scale_store(dV.data() + (size_t)i * D, 1.f, dvrow + (int64_t)i * Hk * D, D);
+      }
     }
   });
 }

@@ -556,3 +556,53 @@ def test_empty_inputs_give_empty_outputs_and_zero_grads(face, shape):
     g = torch.autograd.grad((out_c.sum() + out_b.sum()), (q, k, v), allow_unused=True)
     for t, gt in zip((q, k, v), g):
         assert gt is None or (gt.shape == t.shape and torch.equal(gt, torch.zeros_like(t)))
+
+
+# The C++ face picks AVX-512 row kernels (max, exp-sum, softmax gradient, dot) at run time; MIRAI_CPU_NO_AVX512=1
+# forces the portable loops. On an AVX-512 machine the tests above only exercise the first, so this runs the same
+# fwd + bwd (with NaN / Inf / -inf inputs and diagonal-block tails) in a child process on the portable path and
+# asserts both paths agree with each other and with the fp64 reference.
+_PORTABLE_SCRIPT = r"""
+import sys, torch, mirai_kernels as mk
+torch.manual_seed(0)
+qkv = torch.randn(2, 77, 3 + 2 * 1, 16)
+q, k, v = (t.detach().requires_grad_() for t in (qkv[:, :, :3], qkv[:, :, 3:4], qkv[:, :, 4:]))
+with torch.no_grad():
+    k[1, 40:, 0, 2] = float("nan"); v[1, 50:, 0, 5] = float("inf"); q[1, 3, 0] = float("-inf"); k[1].abs_()
+outs = mk.dual_attention(q, k, v, backend="cpp", return_lse=True)
+up = [torch.randn(q.shape) for _ in range(2)]
+grads = torch.autograd.grad(outs[:2], (q, k, v), up)
+torch.save({"inputs": (q.detach(), k.detach(), v.detach()), "up": up, "outs": [o.detach() for o in outs],
+            "grads": grads}, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif("cpp" not in FACES, reason="C++ extension not built")
+def test_cpp_portable_row_kernels_match_the_avx512_ones(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "portable.pt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "MIRAI_CPU_NO_AVX512": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(path)
+    q, k, v = (t.requires_grad_() for t in saved["inputs"])
+    outs = mk.dual_attention(q, k, v, backend="cpp", return_lse=True)
+    grads = torch.autograd.grad(outs[:2], (q, k, v), saved["up"])
+    # batch 0 is clean: both paths against the fp64 reference.
+    leaves64 = [t.detach()[:1].double().requires_grad_() for t in (q, k, v)]
+    r = ref.dual_attention(*leaves64)
+    r_grads = torch.autograd.grad(r[:2], leaves64, [u[:1].double() for u in saved["up"]])
+    for mine, theirs, want in zip(list(outs) + list(grads), saved["outs"] + list(saved["grads"]),
+                                  list(r) + list(r_grads)):
+        torch.testing.assert_close(mine[:1].double(), want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(theirs[:1].double(), want, atol=2e-5, rtol=1e-4)
+    # batch 1 has NaN keys, Inf values and an all--inf row: the same non-finite pattern and values on both paths.
+    assert torch.isnan(saved["outs"][1][1]).any() and not torch.isnan(saved["outs"][0][1, :40]).any()
+    for mine, theirs in zip(list(outs) + list(grads), saved["outs"] + list(saved["grads"])):
+        torch.testing.assert_close(mine.detach(), theirs, atol=1e-5, rtol=1e-4, equal_nan=True)
