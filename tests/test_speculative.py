@@ -291,3 +291,22 @@ def test_sample_cli_speculative_on_the_shipped_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "models.sample", "--ckpt", ckpt, "--speculative", "jacobi",
                           "--window", "1"], cwd=root, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--window" in bad.stderr
+
+
+def test_decode_bench_e2e_speculative_provider(tmp_path):
+    """decode_bench --e2e-windows: the speculative provider runs beside the plain sampler and reports its calls
+    (per image at most H*W, at least H*W / window; the batch's calls at least the slowest image's)."""
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import decode_bench
+
+    out = tmp_path / "e2e.json"
+    decode_bench.main(["--no-kernels", "--no-e2e-eager", "--e2e-grid", "3", "--e2e-batch", "2", "--e2e-windows", "4",
+                       "--threads", "1", "--min-run-time", "0.01", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    spec = row["providers"]["mirai_jacobi_w4"]
+    assert "ms" in row["providers"]["mirai_sampler"] and "ms" in spec, row
+    assert 9 / 4 <= spec["calls_per_image_mean"] <= 9 and spec["batch_calls"] >= spec["calls_per_image_max"]
+    assert spec["fewer_calls_per_image"] == pytest.approx(9 / spec["calls_per_image_mean"])
