@@ -52,8 +52,9 @@ ADAPTIVE_TRUST = 0.8  # agreement at or above which the window is redrafted from
 
 class JacobiStep:
     """One SJD call over static buffers; see the module docstring. ``rule`` is for tests only: ``"exact"`` is the
-    lossless rule, ``"accept_always"`` and ``"resample_p"`` (resample from p instead of the residual) are the broken
-    variants the losslessness test must reject."""
+    lossless rule, ``"accept_always"``, ``"resample_p"`` (resample from p instead of the residual) and
+    ``"reset_keeps_q"`` (reset drafts verified against the q of the drafts they replaced) are the broken variants the
+    losslessness test must reject."""
 
     def __init__(self, model, batch: int, *, window: int, guided: bool, cfg_scale: float, cfg_interval: float,
                  temperature: float, top_k: int, top_p: float, rng: DeviceRNG, init: str, device,
@@ -234,7 +235,8 @@ class JacobiStep:
             reset_tokens, reset_q = self.fresh(n_new)
             redo = live if self.reset else live & (self.conf >= ADAPTIVE_TRUST)
             self.seq.scatter_(1, torch.where(redo[:, None], n_new[:, None] + k, self.sink), reset_tokens)
-            self.q[:, : W - 1] = torch.where(redo[:, None, None], reset_q, self.q[:, : W - 1])
+            if self.rule != "reset_keeps_q":
+                self.q[:, : W - 1] = torch.where(redo[:, None, None], reset_q, self.q[:, : W - 1])
         self.n.copy_(n_new)
         self.cache_seqlens += (count.repeat(2) if self.guided else count).int()
         self.done.copy_((n_new >= N).all())

@@ -123,10 +123,12 @@ def test_lossless_against_enumerated_joint(case):
 
 
 @pytest.mark.parametrize("rule,case", [("accept_always", "w4-prior-cfg-topk"), ("resample_p", "w3-random"),
-                                       ("resample_p", "w4-prior-cfg-topk")])
+                                       ("resample_p", "w4-prior-cfg-topk"), ("reset_keeps_q", "w3-prior-reset-cfg"),
+                                       ("reset_keeps_q", "w3-adaptive")])
 def test_broken_rules_fail_the_lossless_test(rule, case):
-    """Accepting every draft, or resampling a rejected position from p instead of norm(max(p - q, 0)), is not
-    lossless; the chi-square test above must see it."""
+    """Accepting every draft, resampling a rejected position from p instead of norm(max(p - q, 0)), or verifying a
+    reset window's drafts against the q of the drafts they replaced, is not lossless; the chi-square test above must
+    see it."""
     model = peaked_gpt()
     tokens, _, sampling = _sample(model, CASES[case], rule=rule)
     _, probs = exact_joint(model, 1, **sampling)
