@@ -67,6 +67,7 @@ std::vector<acc_t> target_inv_norms(const at::Tensor& targets) {
     for (int64_t r = lo; r < hi; ++r) {
       const scalar_t* tr = t + (r / N) * stb + (r % N) * stn;
       acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
       for (int64_t z = 0; z < Z; ++z) ss += acc_t(tr[z]) * acc_t(tr[z]);
       inv[r] = acc_t(1) / std::max(std::sqrt(ss), acc_t(kEps));
     }
@@ -97,6 +98,8 @@ void cos_fwd_kernel(const at::Tensor& proj, const at::Tensor& targets, const at:
         const scalar_t* s = p + b * spb + n * spn + k * spk;
         const scalar_t* tr = t + b * stb + q * stn;
         acc_t dot = 0, ss = 0;
+        // simd reduction: several partial sums, so the loop is not bound by one add's latency.
+#pragma omp simd reduction(+ : dot, ss)
         for (int64_t z = 0; z < Z; ++z) {
           const acc_t sv = acc_t(s[z]);
           dot += sv * acc_t(tr[z]);
@@ -146,13 +149,16 @@ void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at
         const scalar_t* tr = t + b * stb + q * stn;
         acc_t dot = 0, ss = 0;
         if (bias) {
+          acc_t* sr = srow.data();
+#pragma omp simd reduction(+ : dot, ss)
           for (int64_t z = 0; z < Z; ++z) {
             const acc_t sv = acc_t(s[z]) + acc_t(bias[z]);
-            srow[z] = sv;
+            sr[z] = sv;
             dot += sv * acc_t(tr[z]);
             ss += sv * sv;
           }
         } else {
+#pragma omp simd reduction(+ : dot, ss)
           for (int64_t z = 0; z < Z; ++z) {
             const acc_t sv = acc_t(s[z]);
             dot += sv * acc_t(tr[z]);
@@ -169,7 +175,9 @@ void cos_bwd_kernel(const at::Tensor& grad_cos, const at::Tensor& proj, const at
         const acc_t a = gk * it * inv_s;
         const acc_t bcoef = norm_s >= acc_t(kEps) ? gk * c * inv_s * inv_s : acc_t(0);
         if (bias) {
-          for (int64_t z = 0; z < Z; ++z) o[z] = scalar_t(a * acc_t(tr[z]) - bcoef * srow[z]);
+          const acc_t* sr = srow.data();
+#pragma omp simd
+          for (int64_t z = 0; z < Z; ++z) o[z] = scalar_t(a * acc_t(tr[z]) - bcoef * sr[z]);
         } else {
           for (int64_t z = 0; z < Z; ++z) o[z] = scalar_t(a * acc_t(tr[z]) - bcoef * acc_t(s[z]));
         }
@@ -305,11 +313,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
       // uninitialised output is not read).
       const double sk = grad_scale[k];
       auto out = gx_heads.select(0, k).slice(0, b0, b1).view({bc * N, H});
-      if (silu_input) {
-        at::silu_backward_out(out, at::mm(dp, wk).mul_(sk), xin);
-      } else {
-        out.addmm_(dp, wk, /*beta=*/0, /*alpha=*/sk);
-      }
+      // The input-gradient GEMM writes straight into gx (alpha = sk); with silu_input the SiLU derivative is then
+      // applied in place: no (rows, H) temporary and no separate scaling pass.
+      out.addmm_(dp, wk, /*beta=*/0, /*alpha=*/sk);
+      if (silu_input) at::silu_backward_out(out, out, xin);
       auto gwk = gw.select(0, k);
       if (gw.scalar_type() == x.scalar_type()) {
         gwk.addmm_(dp.t(), xk, /*beta=*/b0 == 0 ? 0 : 1, /*alpha=*/sk);
