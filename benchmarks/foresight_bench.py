@@ -12,7 +12,8 @@ Two parts (``--parts``):
   ``unfused_<backend>`` = einsum + :func:`mirai_kernels.foresight_cosine_loss`; ``recompute_<backend>`` = the rejected
   alternative (same cosine kernels, projection recomputed chunk by chunk in backward), kept to re-measure the choice.
 * ``heads``: the whole K-head MLP + loss. Baseline ``paper_eager``: K separate ``nn.Sequential`` MLPs on the full
-  hidden state, then the same eager loss. Providers: ``ForesightHeads`` per backend, with ``recompute`` off and on.
+  hidden state, then the same eager loss. Providers: ``ForesightHeads`` per backend, with ``recompute`` off and on;
+  ``gemm_floor`` (not an implementation) runs only the GEMMs every exact forward + backward needs: the bound.
 
 CPU timing (``--thread-counts``, default 1 and torch's default; ``--rounds``): every provider is timed once per
 round, rounds interleaved, wall and process-CPU time, so load from other processes on a shared machine hits all
@@ -81,6 +82,36 @@ class RecomputeLinearCos(torch.autograd.Function):
                 gw[k] += dp.t() @ xk
                 gb[k] += dp.sum(0)
         return gx, gw, gb, None, None, None
+
+
+def gemm_floor_step(module, rows):
+    """Not an implementation: only the GEMMs any exact forward + backward of the heads must run (per layer: forward,
+    input gradient, weight gradient; the first layer's input gradient too), on preallocated operands, nothing else.
+    The lower bound of every provider at this shape; paper_eager / gemm_floor is the most any provider can gain."""
+    k, hid, d, z = module.n_heads, module.hidden, module.d_model, module.z_dim
+    dev = module.weight_out.device
+    h2, a = torch.randn(rows, d, device=dev), torch.randn(k, rows, hid, device=dev)
+    g, dp = torch.randn(k, rows, hid, device=dev), torch.randn(rows, z, device=dev)
+    w_in, w_out = module.weight_in.detach(), module.weight_out.detach()
+    w_mid = [w.detach() for w in module.weights_mid]
+    gx, gw = torch.empty(rows, hid, device=dev), torch.empty(z, hid, device=dev)
+    ga = g.transpose(0, 1).reshape(rows, k * hid)
+
+    def step():
+        torch.mm(h2, w_in.t())
+        for w in w_mid:
+            torch.bmm(a, w.transpose(1, 2))
+            torch.bmm(g.transpose(1, 2), a)
+            torch.bmm(g, w)
+        for i in range(k):
+            torch.mm(a[i], w_out[i].t())
+            gx.addmm_(dp, w_out[i], beta=0)
+            gw.addmm_(dp.t(), a[i], beta=0)
+        torch.mm(ga, w_in)
+        torch.mm(ga.t(), h2)
+        return a.new_zeros(()).requires_grad_()
+
+    return step
 
 
 def face_reason(op, face, device, dtype):
@@ -253,6 +284,8 @@ def main(argv=None):
                 return eager_loss([p.float() for p in projs], targets, offsets, args.prefix, weights)
 
         fwds = {"paper_eager": paper}
+        if args.depth >= 2 and not lowp:
+            fwds["gemm_floor"] = gemm_floor_step(module, batch * seqlen)
         for face in B.op_faces(fops.FUSED_OP):
             if face == "reference":
                 continue
