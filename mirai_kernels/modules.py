@@ -222,7 +222,8 @@ class ForesightHeads(nn.Module):
       SiLU and the ``(B, N, K, z_dim)`` projections exist only chunk by chunk, and only the input gradient is kept;
     * ``recompute=True`` checkpoints everything before the last layer (only ``h`` is kept; the trunk runs twice).
 
-    On CPU (C++ face, eager mode, depth >= 2, ``recompute=False``) the whole module runs as one autograd node
+    On CPU (C++ face, eager mode, depth >= 2, ``recompute=False``, and more saved activation values than parameters:
+    B*N*K*hidden*(depth-1) + K*z_dim*hidden >= parameters + B*N*d_model) the whole module runs as one autograd node
     whose gradients are all computed in the forward pass (:class:`_HeadsGradsInForward`): same GEMMs, but each
     SiLU is computed once, no activation is saved, every buffer is a contiguous ``(K, B*N, hidden)`` block.
 
@@ -346,7 +347,8 @@ class ForesightHeads(nn.Module):
 
     def _grads_in_forward(self, h, targets, params, kw):
         """``(total, per_head)`` from :class:`_HeadsGradsInForward`, or None where it does not apply: depth 1 (the
-        fused op alone already is that), ``recompute=True`` (its own memory trade), no gradient wanted, the reference face, an empty input, or off CPU eager
+        fused op alone already is that), ``recompute=True`` (its own memory trade), more parameters than saved
+        activations (below), no gradient wanted, the reference face, an empty input, or off CPU eager
         mode (there reading the upstream gradient would cost a device sync; those keep the autograd path). CPU means the
         C++ face (interpreted Triton is a correctness tool, and keeps its own door's checks)."""
         from .ops import foresight as fops
@@ -362,6 +364,14 @@ class ForesightHeads(nn.Module):
         batch, seqlen, _ = h.shape
         if tuple(targets.shape) != (batch, seqlen, self.z_dim):
             return None  # the fused op's door raises with its message
+        # Memory rule: this path keeps every parameter gradient from the forward pass on, the autograd path keeps
+        # (depth - 1) (B*N, K, hidden) activations and the last weight's gradient. Take the one that keeps less:
+        # few rows and wide heads (GPT-B widths at batch 2: 22M parameters vs 11M saved values) stay on autograd.
+        rows, k, hid = batch * seqlen, self.n_heads, self.hidden
+        kept_here = sum(p.numel() for p in params) + rows * self.d_model
+        kept_autograd = rows * k * hid * (self.depth - 1) + k * self.z_dim * hid
+        if kept_here > kept_autograd:
+            return None
         grid, parsed = fops._check_pairing("ForesightHeads", seqlen, self.n_heads, self.grid, self.offsets,
                                            self.prefix, self.boundary, self.head_weights)
         tpos = fops._pairing_table(seqlen, grid, parsed, self.prefix, self.boundary, self.align_prefix, h.device)

@@ -620,6 +620,17 @@ def test_foresight_heads_grads_in_forward_match_paper_for_any_upstream(depth, up
 
 
 @pytest.mark.skipif("cpp" not in FACES, reason="the C++ extension is not built")
+def test_foresight_heads_grads_in_forward_only_where_it_keeps_less_memory():
+    # Few rows, wide heads: the parameter gradients it would keep outweigh autograd's saved activations.
+    wide = ForesightHeadsCls(8, 8, [0, 1], grid=(2, 2), hidden=64, depth=3, backend="cpp")
+    h = torch.randn(1, 4, 8, requires_grad=True)
+    _, per_head = wide(h, torch.randn(1, 4, 8))
+    assert type(per_head.grad_fn).__name__ != "_HeadsGradsInForwardBackward"
+    _, per_head = wide(torch.randn(64, 4, 8, requires_grad=True), torch.randn(64, 4, 8))  # many rows
+    assert type(per_head.grad_fn).__name__ == "_HeadsGradsInForwardBackward"
+
+
+@pytest.mark.skipif("cpp" not in FACES, reason="the C++ extension is not built")
 def test_foresight_heads_grads_in_forward_partial_requires_grad_and_double_backward():
     module = ForesightHeadsCls(8, 6, [0, 4], grid=(4, 4), hidden=16, depth=3, backend="cpp").double()
     for p in module.parameters():
