@@ -12,7 +12,12 @@ Two parts (``--parts``):
   ``unfused_<backend>`` = einsum + :func:`mirai_kernels.foresight_cosine_loss`; ``recompute_<backend>`` = the rejected
   alternative (same cosine kernels, projection recomputed chunk by chunk in backward), kept to re-measure the choice.
 * ``heads``: the whole K-head MLP + loss. Baseline ``paper_eager``: K separate ``nn.Sequential`` MLPs on the full
-  hidden state, then the same eager loss. Providers: ``ForesightHeads`` per backend, with ``recompute`` off and on.
+  hidden state, then the same eager loss. Providers: ``ForesightHeads`` per backend, with ``recompute`` off and on;
+  ``gemm_floor`` (not an implementation) runs only the GEMMs every exact forward + backward needs: the bound.
+
+CPU timing (``--thread-counts``, default 1 and torch's default; ``--rounds``): every provider is timed once per
+round, rounds interleaved, wall and process-CPU time, so load from other processes on a shared machine hits all
+providers alike; the table gives median and [min] over rounds and the ratios of both.
 
 Each provider is timed forward + backward (gradients w.r.t. the input and all weights). Memory per provider:
 ``saved_bytes`` = bytes autograd saves for backward (``saved_tensors_hooks``, by storage, parameters included),
@@ -24,6 +29,8 @@ fp32), the ``fused`` part on tensors of that dtype.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 
@@ -77,6 +84,36 @@ class RecomputeLinearCos(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+def gemm_floor_step(module, rows):
+    """Not an implementation: only the GEMMs any exact forward + backward of the heads must run (per layer: forward,
+    input gradient, weight gradient; the first layer's input gradient too), on preallocated operands, nothing else.
+    The lower bound of every provider at this shape; paper_eager / gemm_floor is the most any provider can gain."""
+    k, hid, d, z = module.n_heads, module.hidden, module.d_model, module.z_dim
+    dev = module.weight_out.device
+    h2, a = torch.randn(rows, d, device=dev), torch.randn(k, rows, hid, device=dev)
+    g, dp = torch.randn(k, rows, hid, device=dev), torch.randn(rows, z, device=dev)
+    w_in, w_out = module.weight_in.detach(), module.weight_out.detach()
+    w_mid = [w.detach() for w in module.weights_mid]
+    gx, gw = torch.empty(rows, hid, device=dev), torch.empty(z, hid, device=dev)
+    ga = g.transpose(0, 1).reshape(rows, k * hid)
+
+    def step():
+        torch.mm(h2, w_in.t())
+        for w in w_mid:
+            torch.bmm(a, w.transpose(1, 2))
+            torch.bmm(g.transpose(1, 2), a)
+            torch.bmm(g, w)
+        for i in range(k):
+            torch.mm(a[i], w_out[i].t())
+            gx.addmm_(dp, w_out[i], beta=0)
+            gw.addmm_(dp.t(), a[i], beta=0)
+        torch.mm(ga, w_in)
+        torch.mm(ga.t(), h2)
+        return a.new_zeros(()).requires_grad_()
+
+    return step
+
+
 def face_reason(op, face, device, dtype):
     reason = B.face_unavailable_reason(op, face, device)
     if reason is None and face == "triton" and B.triton_interpreted():
@@ -84,6 +121,59 @@ def face_reason(op, face, device, dtype):
     if reason is None and face == "triton" and dtype == torch.float64:
         reason = "no fp64 Triton backend"
     return reason
+
+
+def interleaved_cpu_case(case, make_providers, baseline, args, memory, threads):
+    """CPU timing for a loaded, shared machine: ``args.rounds`` rounds, each timing every provider once (as many
+    calls as fill ``args.min_run_time``), so a burst of load from other processes hits all providers alike; wall
+    and process-CPU time per call, median and min over rounds. Ratios are ``baseline / provider`` per round
+    statistic."""
+    providers = make_providers(case)
+    live = {n: f for n, f in providers.items() if not (f is None or isinstance(f, tuple))}
+    calls = {}
+    for name, fn in live.items():
+        fn()  # warm-up: first-call allocation, lazy imports
+        t0 = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(args.min_run_time / max(time.perf_counter() - t0, 1e-6)))
+    wall = {n: [] for n in live}
+    cpu = {n: [] for n in live}
+    for _ in range(args.rounds):
+        for name, fn in live.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(calls[name]):
+                fn()
+            wall[name].append((time.perf_counter() - w0) / calls[name] * 1e3)
+            cpu[name].append((time.process_time() - c0) / calls[name] * 1e3)
+    row = {"case": case.name, "params": dict(case.params, threads=threads), "providers": {}}
+    for name, fn in providers.items():
+        if name not in live:
+            row["providers"][name] = {"skipped": fn[1] if isinstance(fn, tuple) else "not available here"}
+            continue
+        entry = {"ms": statistics.median(wall[name]), "ms_min": min(wall[name]),
+                 "cpu_ms": statistics.median(cpu[name]), "cpu_ms_min": min(cpu[name]),
+                 "wall_ms_rounds": [round(v, 3) for v in wall[name]],
+                 "cpu_ms_rounds": [round(v, 3) for v in cpu[name]], "calls_per_round": calls[name]}
+        if case.flops:
+            entry["tflops"] = case.flops / (entry["ms"] * 1e-3) / 1e12
+        entry.update(memory(case, name, fn) or {})
+        row["providers"][name] = entry
+    base = row["providers"].get(baseline, {})
+    for entry in row["providers"].values():
+        if "ms" in entry and "ms" in base:
+            for key, out in (("ms", "speedup_vs_baseline"), ("ms_min", "speedup_min_vs_baseline"),
+                             ("cpu_ms", "cpu_speedup_vs_baseline"), ("cpu_ms_min", "cpu_speedup_min_vs_baseline")):
+                entry[out] = base[key] / entry[key]
+    print(f"\n{row['case']}  threads={threads}  {args.rounds} interleaved rounds  "
+          f"(ratios = {baseline} / provider; wall and process-CPU time, median [min])")
+    for name, entry in row["providers"].items():
+        if "ms" not in entry:
+            print(f"    skip  {name:<24} {entry['skipped']}")
+            continue
+        print(f"  {name:<24} wall {entry['ms']:9.3f} ms [{entry['ms_min']:9.3f}]  {entry['speedup_vs_baseline']:5.2f}x "
+              f"[{entry['speedup_min_vs_baseline']:5.2f}x]   cpu {entry['cpu_ms']:9.3f} ms [{entry['cpu_ms_min']:9.3f}]"
+              f"  {entry['cpu_speedup_vs_baseline']:5.2f}x [{entry['cpu_speedup_min_vs_baseline']:5.2f}x]")
+    return row
 
 
 def main(argv=None):
@@ -101,8 +191,18 @@ def main(argv=None):
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: fp32 CPU, bf16 GPU)")
     parser.add_argument("--parts", nargs="+", default=["fused", "heads"], choices=["fused", "heads"])
+    parser.add_argument("--thread-counts", type=int, nargs="+", default=None,
+                        help="CPU: run every case at each of these torch thread counts, in this one process "
+                             "(default: [--threads] if given, else 1 and torch's default)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="CPU: interleaved rounds (each times every provider once, wall and process-CPU time)")
     args = parser.parse_args(argv)
     device = setup_from_args(args)
+    if device.type == "cpu":
+        thread_counts = args.thread_counts or ([args.threads] if args.threads else
+                                               sorted({1, torch.get_num_threads()}))
+    else:
+        thread_counts = [None]
     big = args.gpt_b or device.type == "cuda"
     batch = args.batch or (32 if big else 2)
     d_model = args.d_model or (768 if big else 256)
@@ -184,6 +284,8 @@ def main(argv=None):
                 return eager_loss([p.float() for p in projs], targets, offsets, args.prefix, weights)
 
         fwds = {"paper_eager": paper}
+        if args.depth >= 2 and not lowp:
+            fwds["gemm_floor"] = gemm_floor_step(module, batch * seqlen)
         for face in B.op_faces(fops.FUSED_OP):
             if face == "reference":
                 continue
@@ -250,9 +352,13 @@ def main(argv=None):
         return out
 
     results = []
-    for case in cases:
+    for threads, case in [(t, c) for t in thread_counts for c in cases]:
         baseline = "eager" if case.params["part"] == "fused" else "paper_eager"
-        rows = run_cases([case], make_providers, baseline=baseline, device=device, args=args, memory=memory)
+        if threads is None:
+            rows = run_cases([case], make_providers, baseline=baseline, device=device, args=args, memory=memory)
+        else:
+            torch.set_num_threads(threads)
+            rows = [interleaved_cpu_case(case, make_providers, baseline, args, memory, threads)]
         for row in rows:
             base_entry = row["providers"].get(baseline, {})
             for entry in row["providers"].values():
@@ -264,7 +370,8 @@ def main(argv=None):
             print("  memory ratios vs", baseline, ratios)
         results += rows
     write_json(args.json, "foresight_bench", args, device, results, notes={
-        "timing": "forward + backward (grads w.r.t. inputs and weights), median",
+        "timing": "forward + backward (grads w.r.t. inputs and weights), median; CPU: `rounds` interleaved rounds "
+                  "per thread count (params.threads), wall `ms` and process-CPU `cpu_ms`, median and min",
         "saved_bytes": "autograd saved tensors during one forward, by storage, parameters included",
         "saved_nonparam_bytes": "the same without parameter storages",
         "peak_bytes": "GPU only: peak allocated above the start during one forward + backward",

@@ -88,6 +88,125 @@ class _SiluBmm(torch.autograd.Function):
         return grad_a, grad_w, grad_b
 
 
+class _HeadsGradsInForward(torch.autograd.Function):
+    """The whole K-head MLP + loss with every gradient computed in the forward pass (the fused op's pattern, carried
+    through the trunk): the fused last layer returns the gradient of its input, and the middle and first layers'
+    backward GEMMs run right after it, while their activations are still live. Nothing of the trunk is saved: only
+    the gradients (``grad_h`` and the parameter gradients) and, for the fallback below, ``h`` and the parameters
+    (which autograd keeps alive anyway).
+
+    Why (measured, ``benchmarks/foresight_bench.py``): autograd would save each layer's pre-activation and the fused
+    op's input gradient, recompute a SiLU in backward, and run one Python node per layer; here each SiLU is computed
+    once in the forward pass and reused by the weight gradient, and no activation outlives the forward pass.
+
+    The gradients are computed for the expected upstream (``d total / d per_head = head_weights``). Backward returns
+    them when the real upstream is that, scales them once when it is a common multiple of it for every head (the
+    trainer's ``scale * total``), and otherwise — a per-head upstream that is not proportional, or double
+    backward — recomputes the heads with autograd (``recompute_fn``) and backpropagates the real upstream: exact
+    for any upstream, slow only there. CPU eager only (reading the upstream there costs no device sync)."""
+
+    @staticmethod
+    def forward(ctx, meta, h, targets, *params):
+        (op, tpos, grad_scale, expected, n_heads, hidden, depth, recompute_fn) = meta
+        batch, seqlen, d_model = h.shape
+        rows = batch * seqlen
+        needs = ctx.needs_input_grad
+        w_in, b_in, w_out, b_out = params[0], params[1], params[-2], params[-1]
+        mids = [(params[2 + 2 * i], params[3 + 2 * i]) for i in range(depth - 2)]
+        h2 = h.reshape(rows, d_model)
+        w_in_k, b_in_k = w_in.view(n_heads, hidden, d_model), b_in.view(n_heads, hidden)
+        # Every activation and gradient of the trunk is a contiguous (K, rows, hidden) buffer: the first layer runs
+        # per head into its block (the (rows, K*hidden) output of one GEMM would make every later elementwise pass
+        # and batched GEMM strided, measured ~2 ms slower per step at the bench defaults).
+        a = h2.new_empty((n_heads, rows, hidden))
+        for k in range(n_heads):
+            torch.addmm(b_in_k[k], h2, w_in_k[k].t(), out=a[k])
+        pre, acts = [a], []
+        for w, b in mids:
+            s = F.silu(pre[-1])
+            acts.append(s)
+            pre.append(torch.baddbmm(b.unsqueeze(1), s, w.transpose(1, 2)))
+        x = pre[-1].view(n_heads, batch, seqlen, hidden).permute(1, 2, 0, 3)
+        per_head, gx, gw_out, gb_out = op(x, w_out, b_out, targets, tpos, True, True, fops_chunk_rows(), grad_scale)
+        # gx: grad of the last pre-activation, a (B, N, K, hidden) view of a (K, B, N, hidden) buffer.
+        g = gx.permute(2, 0, 1, 3).reshape(n_heads, rows, hidden)
+        # The last pre-activation is dead now: its buffer takes the next gradient GEMM's output (a fresh buffer of
+        # that size costs page faults on every step, measured ~1 ms here).
+        spare = pre[-1] if depth > 2 else None
+        pre[-1] = None
+        del x
+        grads = [None] * len(params)
+        grads[-2], grads[-1] = gw_out, gb_out
+        for i in range(depth - 3, -1, -1):
+            w = mids[i][0]
+            if needs[5 + 2 * i]:
+                grads[2 + 2 * i] = torch.bmm(g.transpose(1, 2), acts[i])
+            if needs[6 + 2 * i]:
+                grads[3 + 2 * i] = g.sum(1)
+            acts[i] = None  # its last use: free it before the next (K, rows, hidden) buffer
+            t = torch.bmm(g, w, out=spare)
+            spare = g  # the gradient just consumed: free for the next layer's GEMM
+            g = torch.ops.aten.silu_backward.grad_input(t, pre[i], grad_input=t)  # in place
+            pre[i] = None
+        del pre, acts, a, spare
+        grad_h = None
+        if needs[1]:
+            grad_h = h2.new_empty((rows, d_model))
+            for k in range(n_heads):
+                grad_h.addmm_(g[k], w_in_k[k], beta=0 if k == 0 else 1)
+            grad_h = grad_h.view(batch, seqlen, d_model)
+        if needs[3]:
+            grads[0] = w_in.new_empty(w_in.shape)
+            gw_in_k = grads[0].view(n_heads, hidden, d_model)
+            for k in range(n_heads):
+                torch.mm(g[k].t(), h2, out=gw_in_k[k])
+        if needs[4]:
+            grads[1] = g.sum(1).view(-1)
+        ctx.expected = expected
+        ctx.recompute_fn = recompute_fn
+        ctx.n_grads = len(params)
+        have = [t for t in [grad_h] + grads if t is not None]
+        ctx.have = [t is not None for t in [grad_h] + grads]
+        ctx.save_for_backward(h, *params, *have)
+        return per_head
+
+    @staticmethod
+    def backward(ctx, grad_per_head):
+        saved = ctx.saved_tensors
+        n = ctx.n_grads
+        h, params, have = saved[0], saved[1:1 + n], list(saved[1 + n:])
+        grads = [have.pop(0) if flag else None for flag in ctx.have]
+        ratio = None
+        if not torch.is_grad_enabled() and _eager_cpu(grad_per_head):
+            ratio = grad_per_head.double() / torch.tensor(ctx.expected, dtype=torch.float64)
+            ratio = float(ratio[0]) if bool((ratio == ratio[0]).all()) else None
+        if ratio is None:  # a per-head upstream or double backward: recompute with autograd, exact for any upstream
+            create = torch.is_grad_enabled()
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(need) for t, need in
+                          zip((h, *params), (ctx.needs_input_grad[1],) + ctx.needs_input_grad[3:])]
+                per_head = ctx.recompute_fn(leaves[0], leaves[1:])
+                wanted = [t for t in leaves if t.requires_grad]
+                got = iter(torch.autograd.grad(per_head, wanted, grad_per_head, create_graph=create,
+                                               allow_unused=True))
+                grads = [next(got) if t.requires_grad else None for t in leaves]
+        elif ratio != 1.0:
+            grads = [None if g is None else g * ratio for g in grads]
+        return (None, grads[0], None, *grads[1:])
+
+
+def fops_chunk_rows() -> int:
+    from .ops import foresight as fops
+
+    return fops.CHUNK_ROWS
+
+
+def _eager_cpu(t: torch.Tensor) -> bool:
+    from .ops.foresight import _eager_cpu as check
+
+    return check(t)
+
+
 class ForesightHeads(nn.Module):
     """Mirai's K foresight heads (REPA-style projector MLPs) and their loss, as one module.
 
@@ -102,6 +221,11 @@ class ForesightHeads(nn.Module):
     * the last layer is :func:`mirai_kernels.fused_linear_cosine_loss` with ``input_activation="silu"``: the last
       SiLU and the ``(B, N, K, z_dim)`` projections exist only chunk by chunk, and only the input gradient is kept;
     * ``recompute=True`` checkpoints everything before the last layer (only ``h`` is kept; the trunk runs twice).
+
+    On CPU (C++ face, eager mode, depth >= 2, ``recompute=False``, and more saved activation values than parameters:
+    B*N*K*hidden*(depth-1) + K*z_dim*hidden >= parameters + B*N*d_model) the whole module runs as one autograd node
+    whose gradients are all computed in the forward pass (:class:`_HeadsGradsInForward`): same GEMMs, but each
+    SiLU is computed once, no activation is saved, every buffer is a contiguous ``(K, B*N, hidden)`` block.
 
     Parameters: ``weight_in (K*hidden, d_model)``, ``bias_in (K*hidden,)`` (rows ``k*hidden:(k+1)*hidden`` are head
     k's), ``weights_mid[i] (K, hidden, hidden)``, ``biases_mid[i] (K, hidden)``, ``weight_out (K, z_dim, hidden)``,
@@ -206,11 +330,64 @@ class ForesightHeads(nn.Module):
             params = [self.weight_in.to(dtype), self.bias_in.to(dtype)]
             for w, b in zip(self.weights_mid, self.biases_mid):
                 params += [w.to(dtype), b.to(dtype)]
+            fast = self._grads_in_forward(h, targets, params + [w_out, b_out], kw)
+            if fast is not None:
+                return fast
             if self.recompute and torch.is_grad_enabled():
                 a = torch.utils.checkpoint.checkpoint(self._trunk, h, *params, use_reentrant=False)
             else:
                 a = self._trunk(h, *params)
             return _fused_linear_cosine_loss(a, w_out, b_out, targets, self.offsets, input_activation="silu", **kw)
+
+    def _autograd_heads(self, h, targets, params, kw):
+        """The trunk + fused last layer through autograd (the fallback of :class:`_HeadsGradsInForward`)."""
+        a = self._trunk(h, *params[:-2])
+        return _fused_linear_cosine_loss(a, params[-2], params[-1], targets, self.offsets, input_activation="silu",
+                                         **kw)
+
+    def _grads_in_forward(self, h, targets, params, kw):
+        """``(total, per_head)`` from :class:`_HeadsGradsInForward`, or None where it does not apply: depth 1 (the
+        fused op alone already is that), ``recompute=True`` (its own memory trade), more parameters than saved
+        activations (below), no gradient wanted, the reference face, an empty input, or off CPU eager
+        mode (there reading the upstream gradient would cost a device sync; those keep the autograd path). CPU means the
+        C++ face (interpreted Triton is a correctness tool, and keeps its own door's checks)."""
+        from .ops import foresight as fops
+
+        if self.depth < 2 or self.recompute or not torch.is_grad_enabled() or not (h.requires_grad or any(p.requires_grad
+                                                                                          for p in params)):
+            return None
+        if h.device.type != "cpu" or torch.compiler.is_compiling() or not fops._eager_cpu(h):
+            return None
+        face = _backend.select_face(fops.FUSED_OP, h.device, self.backend)
+        if face != "cpp" or h.numel() == 0 or targets.numel() == 0 or self.z_dim == 0 or self.hidden == 0:
+            return None
+        batch, seqlen, _ = h.shape
+        if tuple(targets.shape) != (batch, seqlen, self.z_dim):
+            return None  # the fused op's door raises with its message
+        # Memory rule: this path keeps every parameter gradient from the forward pass on, the autograd path keeps
+        # (depth - 1) (B*N, K, hidden) activations and the last weight's gradient. Take the one that keeps less:
+        # few rows and wide heads (GPT-B widths at batch 2: 22M parameters vs 11M saved values) stay on autograd.
+        rows, k, hid = batch * seqlen, self.n_heads, self.hidden
+        kept_here = sum(p.numel() for p in params) + rows * self.d_model
+        kept_autograd = rows * k * hid * (self.depth - 1) + k * self.z_dim * hid
+        if kept_here > kept_autograd:
+            return None
+        grid, parsed = fops._check_pairing("ForesightHeads", seqlen, self.n_heads, self.grid, self.offsets,
+                                           self.prefix, self.boundary, self.head_weights)
+        tpos = fops._pairing_table(seqlen, grid, parsed, self.prefix, self.boundary, self.align_prefix, h.device)
+        counts = fops._pair_counts(seqlen, grid, parsed, self.prefix, self.boundary, self.align_prefix)
+        weights = self.head_weights or [1.0] * self.n_heads
+        # As the fused op: the gradients are made for upstream `weights` (a zero weight: 1, so they are not zero).
+        expected = [float(w) if float(w) != 0.0 else 1.0 for w in weights]
+        grad_scale = [e / max(1, batch * c) for e, c in zip(expected, counts)]
+        op = getattr(torch.ops.mirai, f"fused_linear_cos_{face}")
+
+        def recompute_fn(h_leaf, param_leaves):
+            return self._autograd_heads(h_leaf, targets, param_leaves, kw)[1]
+
+        meta = (op, tpos, grad_scale, expected, self.n_heads, self.hidden, self.depth, recompute_fn)
+        per_head = _HeadsGradsInForward.apply(meta, h, targets, *params)
+        return fops._weights_total(per_head, self.head_weights), per_head
 
     def head_mlps(self) -> list:
         """The K heads as separate ``nn.Sequential`` MLPs sharing nothing (copies of this module's weights), the

@@ -571,6 +571,88 @@ def test_foresight_heads_autocast_bf16_runs():
     assert module.weight_in.grad is not None and module.weight_in.grad.dtype == torch.float32
 
 
+def _paper_grads(module, h, targets, upstream, wanted_h=True):
+    """fp64 gradients of the paper's eager heads for the upstream gradient ``upstream`` of per_head."""
+    mlps = module.double().head_mlps()
+    h_ref = h.detach().double().requires_grad_(wanted_h)
+    width = module.grid[1]
+    raster = [o if isinstance(o, int) else o[0] * width + o[1] for o in module.offsets]
+    _, per_head = ref.paper_heads_loss([mlp(h_ref) for mlp in mlps], targets.double(), raster, module.prefix)
+    leaves = ([h_ref] if wanted_h else []) + [p for mlp in mlps for p in mlp.parameters()]
+    grads = torch.autograd.grad(per_head, leaves, upstream.double())
+    return per_head, (grads[0] if wanted_h else None), grads[int(wanted_h):]
+
+
+@pytest.mark.skipif("cpp" not in FACES, reason="the C++ extension is not built")
+@pytest.mark.parametrize("depth", [2, 3, 4])
+@pytest.mark.parametrize("upstream", ["weights", "scaled", "per_head"])
+def test_foresight_heads_grads_in_forward_match_paper_for_any_upstream(depth, upstream):
+    # The CPU path computes every gradient in the forward pass for upstream = head_weights; a common multiple of it
+    # (the trainer's `scale * total`) is a rescale, any other per-head upstream recomputes through autograd.
+    grid = (4, 5)
+    module = ForesightHeadsCls(12, 10, [0, 1, (1, 1)], grid=grid, head_weights=[2.0, 1.0, 0.5], hidden=16,
+                               depth=depth, backend="cpp").double()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    n = seq_len(grid, 1)
+    h = torch.randn(3, n, 12, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(3, n, 10, dtype=torch.float64)
+    total, per_head = module(h, targets)
+    assert type(per_head.grad_fn).__name__ == "_HeadsGradsInForwardBackward"  # the fast path ran
+    weights = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    up = {"weights": weights, "scaled": 0.3 * weights, "per_head": torch.tensor([1.0, -2.0, 0.25])}[upstream]
+    params = list(module.parameters())
+    grads = torch.autograd.grad(per_head, [h] + params, up.to(per_head.dtype))
+    per_head_ref, gh_ref, gp_ref = _paper_grads(module, h, targets, up)
+    tol = dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(per_head, per_head_ref, **tol)
+    torch.testing.assert_close(grads[0], gh_ref, **tol)
+    # Paper MLP k's parameters, in nn.Sequential order, against the stacked module's slices (module order:
+    # weight_in, bias_in, weight_out, bias_out, weights_mid.*, biases_mid.*).
+    n_mlp, mid = len(gp_ref) // 3, depth - 2
+    for k in range(3):
+        mine = [grads[1][k * 16:(k + 1) * 16], grads[2][k * 16:(k + 1) * 16]]
+        for i in range(mid):
+            mine += [grads[5 + i][k], grads[5 + mid + i][k]]
+        mine += [grads[3][k], grads[4][k]]
+        for got, want in zip(mine, gp_ref[k * n_mlp:(k + 1) * n_mlp]):
+            torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.skipif("cpp" not in FACES, reason="the C++ extension is not built")
+def test_foresight_heads_grads_in_forward_only_where_it_keeps_less_memory():
+    # Few rows, wide heads: the parameter gradients it would keep outweigh autograd's saved activations.
+    wide = ForesightHeadsCls(8, 8, [0, 1], grid=(2, 2), hidden=64, depth=3, backend="cpp")
+    h = torch.randn(1, 4, 8, requires_grad=True)
+    _, per_head = wide(h, torch.randn(1, 4, 8))
+    assert type(per_head.grad_fn).__name__ != "_HeadsGradsInForwardBackward"
+    _, per_head = wide(torch.randn(64, 4, 8, requires_grad=True), torch.randn(64, 4, 8))  # many rows
+    assert type(per_head.grad_fn).__name__ == "_HeadsGradsInForwardBackward"
+
+
+@pytest.mark.skipif("cpp" not in FACES, reason="the C++ extension is not built")
+def test_foresight_heads_grads_in_forward_partial_requires_grad_and_double_backward():
+    module = ForesightHeadsCls(8, 6, [0, 4], grid=(4, 4), hidden=16, depth=3, backend="cpp").double()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    module.weights_mid[0].requires_grad_(False)  # a frozen layer: no gradient for it, the others exact
+    h = torch.randn(2, 15, 8, dtype=torch.float64)  # no grad to h
+    targets = torch.randn(2, 15, 6, dtype=torch.float64)
+    total, per_head = module(h, targets)
+    total.backward()
+    assert module.weights_mid[0].grad is None
+    _, _, gp_ref = _paper_grads(module, h, targets, torch.ones(2), wanted_h=False)
+    for k in range(2):
+        torch.testing.assert_close(module.weight_in.grad[k * 16:(k + 1) * 16], gp_ref[6 * k], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(module.biases_mid[0].grad[k], gp_ref[6 * k + 3], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(module.weight_out.grad[k], gp_ref[6 * k + 4], atol=1e-10, rtol=1e-9)
+    h.requires_grad_()
+    total, _ = module(h, targets)
+    # Double backward recomputes through autograd, so it meets the fused op's own rule (as before the fast path).
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(total, h, create_graph=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("recompute", [False, True])
 def test_gpu_foresight_heads_triton_matches_paper_eager(recompute):
