@@ -117,7 +117,7 @@ def _extension_error(module: str) -> str | None:
 
 
 def cpp_available() -> bool:
-    """True when the C++ CPU extension ``mirai_kernels._C`` imported (it registers the ``*_cpp`` ops)."""
+    """True when the C++ CPU extension ``mirai_kernels._C`` imported (it registers the CPU kernels, backend ``cpp``)."""
     return _EXTENSION_ERRORS["mirai_kernels._C"] is None
 
 

@@ -169,8 +169,8 @@ def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
 
     Non-finite inputs follow plain attention (SDPA): NaN in q or a visible key makes the row NaN, NaN/Inf in a
     visible value reaches that output dimension, a future key/value never reaches a causal row, a row whose visible
-    scores are all ``-inf`` is zeros with LSE ``-inf`` (the Triton backend does not yet follow these last two: issue
-    17). ``softmax_scale`` must be finite. Empty inputs give empty outputs and zero gradients.
+    scores are all ``-inf`` is zeros with LSE ``-inf`` (the Triton backend does not yet follow these last two: a
+    known gap in the README). ``softmax_scale`` must be finite. Empty inputs give empty outputs and zero gradients.
     """
     _check_inputs(q, k, v, softmax_scale, outputs)
     scale = 1.0 / math.sqrt(max(1, q.shape[-1])) if softmax_scale is None else float(softmax_scale)

@@ -45,8 +45,9 @@ def _bwd_tile_kq(st, v, do, lse, delta, visible, dv, PREC: tl.constexpr):
     returned, and ``dV += P^T dO``."""
     pt = tl.math.exp2(tl.where(visible, st - lse[None, :], float("-inf")))
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-    return pt * (dpt - delta[None, :]), dv
+    dst = pt * (dpt - delta[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)  # after dS, as the kernels always ordered it
+    return dst, dv
 
 
 @triton.jit
