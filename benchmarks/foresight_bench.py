@@ -41,6 +41,7 @@ from mirai_kernels import backend as B  # noqa: E402
 from mirai_kernels.modules import ForesightHeads  # noqa: E402
 from mirai_kernels.ops import foresight as fops  # noqa: E402
 from mirai_kernels.reference import foresight as ref  # noqa: E402
+from mirai_kernels.triton.foresight import chunk_batches  # noqa: E402  (the fused op's chunking, re-timed here)
 
 
 def eager_loss(projs, targets, raster_offsets, prefix, head_weights):
@@ -54,12 +55,12 @@ class RecomputeLinearCos(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, targets, tpos, face):
-        fwd = getattr(torch.ops.mirai, f"foresight_cos_fwd_{face}")
+        fwd = fops.OP.op(face, "fwd")
         batch, seqlen, n_heads, hidden = x.shape
         cos = x.new_empty((batch, seqlen, n_heads), dtype=torch.float32)
         for k in range(n_heads):
             tk = tpos[:, k:k + 1].contiguous()
-            for b0, b1 in fops._chunk_batches(batch, seqlen):
+            for b0, b1 in chunk_batches(batch, seqlen, fops.CHUNK_ROWS):
                 p = torch.addmm(bias[k], x[b0:b1, :, k].reshape(-1, hidden), weight[k].t())
                 cos[b0:b1, :, k:k + 1] = fwd(p.view(b1 - b0, seqlen, 1, -1), targets[b0:b1], tk)
         ctx.save_for_backward(x, weight, bias, targets, tpos)
@@ -69,12 +70,12 @@ class RecomputeLinearCos(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_cos):
         x, weight, bias, targets, tpos = ctx.saved_tensors
-        bwd = getattr(torch.ops.mirai, f"foresight_cos_bwd_{ctx.face}")
+        bwd = fops.OP.op(ctx.face, "bwd")
         batch, seqlen, n_heads, hidden = x.shape
         gx, gw, gb = torch.empty_like(x), torch.zeros_like(weight), torch.zeros_like(bias)
         for k in range(n_heads):
             tk = tpos[:, k:k + 1].contiguous()
-            for b0, b1 in fops._chunk_batches(batch, seqlen):
+            for b0, b1 in chunk_batches(batch, seqlen, fops.CHUNK_ROWS):
                 xk = x[b0:b1, :, k].reshape(-1, hidden)
                 p = torch.addmm(bias[k], xk, weight[k].t()).view(b1 - b0, seqlen, 1, -1)
                 dp = bwd(grad_cos[b0:b1, :, k:k + 1], p, targets[b0:b1], tk).view(-1, p.shape[-1])
@@ -248,10 +249,10 @@ def main(argv=None):
         fwds = {"eager": lambda: eager_loss(
             [torch.nn.functional.linear(x[:, :, k], weight[k], bias[k]) for k in range(n_heads)], targets, offsets,
             args.prefix, weights)}
-        for face in B.op_faces(fops.FUSED_OP):
+        for face in B.op_faces(fops.FUSED_OP.name):
             if face == "reference":
                 continue
-            reason = face_reason(fops.FUSED_OP, face, device, dtype)
+            reason = face_reason(fops.FUSED_OP.name, face, device, dtype)
             if reason:
                 for name in (f"mirai_{face}", f"unfused_{face}", f"recompute_{face}"):
                     fwds[name] = (None, reason)
@@ -286,10 +287,10 @@ def main(argv=None):
         fwds = {"paper_eager": paper}
         if args.depth >= 2 and not lowp:
             fwds["gemm_floor"] = gemm_floor_step(module, batch * seqlen)
-        for face in B.op_faces(fops.FUSED_OP):
+        for face in B.op_faces(fops.FUSED_OP.name):
             if face == "reference":
                 continue
-            reason = face_reason(fops.FUSED_OP, face, device, dtype)
+            reason = face_reason(fops.FUSED_OP.name, face, device, dtype)
             for recompute in (False, True):
                 name = f"heads_{face}" + ("_recompute" if recompute else "")
                 if reason:

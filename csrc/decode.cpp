@@ -1,4 +1,4 @@
-// C++ CPU face of KV-cache decode attention (mirai::decode_attention_cpp): the CPU sampling path.
+// C++ CPU backend of KV-cache decode attention (the CPU kernel of mirai::decode_attention): the CPU sampling path.
 //
 // q (B, S_q, H, D); k_cache/v_cache (B, S_max, H_kv, D), written in place at rows cache_seqlens[b] + i when
 // k_new/v_new (B, S_q, H_kv, D) are given; cache_seqlens int32 (B,) = lengths before the append (never modified);
@@ -373,12 +373,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, at::Tensor& k_cache, at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mirai, m) {
-  m.def(
-      "decode_attention_cpp(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
-      "Tensor cache_seqlens, Tensor? rope_table, float softmax_scale, int num_splits) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(mirai, CPU, m) { m.impl("decode_attention_cpp", &decode_attention_cpu); }
+// The schema of mirai::decode_attention is declared once, in mirai_kernels/ops/decode.py; this is its CPU kernel.
+TORCH_LIBRARY_IMPL(mirai, CPU, m) { m.impl("decode_attention", &decode_attention_cpu); }
 
 }  // namespace mirai

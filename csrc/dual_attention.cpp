@@ -1,8 +1,8 @@
 // Dual (causal + bidirectional) attention, C++ CPU forward and backward.
 //
 // One pass over the keys of each query row feeds two online-softmax accumulators: C (keys j <= i) and U (keys
-// j > i). The causal output is C; the bidirectional output is the log-sum-exp merge of C and U (MIRAI_SPEC.md, "The
-// shared bidirectional pass"). For a query tile [i0, i1) the keys split into three regions: [0, i0) is all C,
+// j > i). The causal output is C; the bidirectional output is the log-sum-exp merge of C and U (docs/method.md,
+// "The shared bidirectional pass"). For a query tile [i0, i1) the keys split into three regions: [0, i0) is all C,
 // [i0, i1) is the diagonal block (split per row by the mask), [i1, S) is all U. Key chunks never straddle a region,
 // so only the diagonal block needs two P@V products.
 //
@@ -31,7 +31,8 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
-namespace mirai_dual_attention {
+namespace mirai {
+namespace {
 
 constexpr int kBlockQ = 64;   // query tile rows (also the diagonal block's width)
 constexpr int kBlockK = 256;  // key chunk width in the all-C and all-U regions (large: fewer rescales, bigger GEMMs)
@@ -536,7 +537,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_attention_fwd_cp
   return {out_c, out_b, lse_c, lse_b};
 }
 
-// Per query row, the backward reads one (lse, dO, D) triple for C keys and one for U keys (MIRAI_SPEC.md):
+// Per query row, the backward reads one (lse, dO, D) triple for C keys and one for U keys (docs/method.md, "The
+// shared bidirectional pass"):
 // with both gradients alpha = exp(lse_c - lse_b), C uses (lse_c, dO_c + alpha dO_b, D_c + alpha D_b) and U uses
 // (lse_b, dO_b, D_b); with only the causal gradient C uses (lse_c, dO_c, D_c) and U is skipped; with only the
 // bidirectional gradient both use (lse_b, dO_b, D_b).
@@ -759,18 +761,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_attention_bwd_cpp(
   return {dq, dk, dv};
 }
 
-}  // namespace mirai_dual_attention
+}  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mirai, m) {
-  m.def(
-      "dual_attention_fwd_cpp(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, bool bidirectional, "
-      "bool bidirectional_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "dual_attention_bwd_cpp(Tensor q, Tensor k, Tensor v, Tensor? out_c, Tensor? out_b, Tensor? lse_c, "
-      "Tensor? lse_b, Tensor? dout_c, Tensor? dout_b, float softmax_scale) -> (Tensor, Tensor, Tensor)");
-}
-
+// The schemas of mirai::dual_attention_fwd / _bwd are declared once, in mirai_kernels/ops/dual_attention.py; these
+// are their CPU kernels.
 TORCH_LIBRARY_IMPL(mirai, CPU, m) {
-  m.impl("dual_attention_fwd_cpp", &mirai_dual_attention::dual_attention_fwd_cpp);
-  m.impl("dual_attention_bwd_cpp", &mirai_dual_attention::dual_attention_bwd_cpp);
+  m.impl("dual_attention_fwd", &dual_attention_fwd_cpp);
+  m.impl("dual_attention_bwd", &dual_attention_bwd_cpp);
 }
+
+}  // namespace mirai

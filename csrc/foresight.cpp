@@ -1,4 +1,4 @@
-// C++ CPU face of the shifted foresight cosine (mirai::foresight_cos_fwd_cpp / foresight_cos_bwd_cpp).
+// C++ CPU backend of the shifted foresight cosine (CPU kernels of mirai::foresight_cosine_loss_fwd / _bwd).
 //
 // proj: (B, N, K, Z), any strides with unit last-dim stride. targets: (B, N, Z), unit last-dim stride, same dtype.
 // tpos: int32 (N, K) contiguous, the target position of each (student position, foresight head), -1 for none.
@@ -6,7 +6,7 @@
 // bwd(grad_cos) -> grad_proj (B, N, K, Z) contiguous, proj's dtype. Targets never get a gradient.
 // cos(s, t) = <s, t> / (max(|s|, eps) max(|t|, eps)), eps = 1e-4, as mirai_kernels/reference/foresight.py.
 //
-// mirai::fused_linear_cos_cpp: the foresight heads' last Linear (optionally preceded by a SiLU on x: silu_input)
+// mirai::fused_linear_cosine_loss: the foresight heads' last Linear (optionally preceded by a SiLU on x: silu_input)
 // fused with the cosine, gradients computed in the forward pass (measured faster than a chunked recompute in
 // backward, for about the same saved bytes; see mirai_kernels/ops/foresight.py). x (B, N, K, H), weight (K, Z, H),
 // bias (K, Z) or None, targets (B, N, Z), tpos. Returns per_head (K,) fp32/fp64 = -mean over (batch, valid pairs)
@@ -351,18 +351,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_cos_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mirai, m) {
-  m.def("foresight_cos_fwd_cpp(Tensor proj, Tensor targets, Tensor tpos) -> Tensor");
-  m.def("foresight_cos_bwd_cpp(Tensor grad_cos, Tensor proj, Tensor targets, Tensor tpos) -> Tensor");
-  m.def(
-      "fused_linear_cos_cpp(Tensor x, Tensor weight, Tensor? bias, Tensor targets, Tensor tpos, bool compute_grad, "
-      "bool silu_input, int chunk_rows, float[] grad_scale) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
+// The schemas are declared once, in mirai_kernels/ops/foresight.py; these are the CPU kernels.
 TORCH_LIBRARY_IMPL(mirai, CPU, m) {
-  m.impl("foresight_cos_fwd_cpp", &foresight_cos_fwd_cpu);
-  m.impl("foresight_cos_bwd_cpp", &foresight_cos_bwd_cpu);
-  m.impl("fused_linear_cos_cpp", &fused_linear_cos_cpu);
+  m.impl("foresight_cosine_loss_fwd", &foresight_cos_fwd_cpu);
+  m.impl("foresight_cosine_loss_bwd", &foresight_cos_bwd_cpu);
+  m.impl("fused_linear_cosine_loss", &fused_linear_cos_cpu);
 }
 
 }  // namespace mirai

@@ -1,4 +1,4 @@
-// C++ CPU face of the LlamaGen 2D RoPE (mirai::apply_rope_2d_cpp).
+// C++ CPU backend of the LlamaGen 2D RoPE: the CPU kernel of mirai::apply_rope_2d.
 //
 // x: (batch, seqlen, nheads, head_dim), any strides with unit last-dim stride (q/k are views of a fused qkv).
 // table: (rows, head_dim/2, 2) fp32 contiguous (cos, sin). positions: optional int32 (seqlen,) or (batch, seqlen).
@@ -71,10 +71,7 @@ at::Tensor apply_rope_2d_cpu(const at::Tensor& x, const at::Tensor& table, const
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mirai, m) {
-  m.def("apply_rope_2d_cpp(Tensor x, Tensor table, Tensor? positions, bool conjugate) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(mirai, CPU, m) { m.impl("apply_rope_2d_cpp", &apply_rope_2d_cpu); }
+// The schema of mirai::apply_rope_2d is declared once, in mirai_kernels/ops/rope.py; this is its CPU kernel.
+TORCH_LIBRARY_IMPL(mirai, CPU, m) { m.impl("apply_rope_2d", &apply_rope_2d_cpu); }
 
 }  // namespace mirai

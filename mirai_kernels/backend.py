@@ -1,9 +1,9 @@
-"""Which faces of each op exist here, and which one a call uses.
+"""Which backends of each op exist here, and which one a call uses.
 
-Every op has up to four faces:
+Every op has up to four backends:
 
 =============  ===========================================  ==========================
-face           what it is                                   runs on
+backend        what it is                                   runs on
 =============  ===========================================  ==========================
 ``reference``  plain PyTorch (``mirai_kernels/reference``)   any device, any dtype
 ``triton``     Triton kernels (``mirai_kernels/triton``)     CUDA; CPU via the interpreter
@@ -11,21 +11,21 @@ face           what it is                                   runs on
 ``cuda``       CUDA C++ kernels (``csrc/cuda``, ``_C_cuda``)  CUDA
 =============  ===========================================  ==========================
 
-A call picks its face from, in order: the ``backend=`` argument of the public function, the innermost
+A call picks its backend from, in order: the ``backend=`` argument of the public function, the innermost
 :func:`use_backend` context, :func:`set_backend`, the ``MIRAI_BACKEND`` environment variable, and finally
-``"auto"``. An explicit face that cannot run the call raises :class:`BackendUnavailableError` (never a silent
-fallback); ``"auto"`` picks, per device, the first face in :data:`AUTO_ORDER` that is built, implemented for
+``"auto"``. An explicit backend that cannot run the call raises :class:`BackendUnavailableError` (never a silent
+fallback); ``"auto"`` picks, per device, the first backend in :data:`AUTO_ORDER` that is built, implemented for
 the op, and allowed:
 
 * ``auto`` never picks interpreted Triton (``TRITON_INTERPRET=1``): it is a correctness tool, orders of
   magnitude slower than the reference;
-* ``auto`` never picks a face that failed ``python -m mirai_kernels.selftest`` on this machine (the user's
+* ``auto`` never picks a backend that failed ``python -m mirai_kernels.selftest`` on this machine (the user's
   selftest record, see :func:`selftest_cache_path`), on any device;
-* otherwise ``auto`` picks a GPU face (``triton``/``cuda``) only when it is validated for this device kind
+* otherwise ``auto`` picks a GPU backend (``triton``/``cuda``) only when it is validated for this device kind
   (:func:`device_kind`, e.g. ``"sm_90"``) by the committed record or by this machine's selftest record. The
   committed record is :data:`GPU_VALIDATED` below, filled by ``benchmarks/record_gpu_results.py`` from the
   committed GPU suite results under ``benchmarks/results/`` (each entry names the result file that shows the
-  op/face's ``pytest -m gpu`` tests passing; :data:`GPU_VALIDATED_ON` the device kinds they passed on). A face
+  op/backend's ``pytest -m gpu`` tests passing; :data:`GPU_VALIDATED_ON` the device kinds they passed on). A backend
   validated by neither runs on a GPU only when asked for by name; the first time ``auto`` falls back to the
   reference on CUDA for that reason it logs one warning naming ``python -m mirai_kernels.selftest``.
 
@@ -59,32 +59,37 @@ AUTO_ORDER = {
 
 GPU_FACES = ("triton", "cuda")
 
-# The committed record. (op, face) -> the committed result file showing that face's GPU tests passing;
-# GPU_VALIDATED_ON: (op, face) -> the device kinds they passed on (an entry without one, only ever written by
+# The committed record. (op, backend) -> the committed result file showing that backend's GPU tests passing;
+# GPU_VALIDATED_ON: (op, backend) -> the device kinds they passed on (an entry without one, only ever written by
 # hand, counts for every kind). Empty until a session with a GPU runs benchmarks/gpu_suite.sh and commits it.
 # BEGIN GPU_VALIDATED (written by benchmarks/record_gpu_results.py; edit the results, not these lines)
 GPU_VALIDATED: dict[tuple[str, str], str] = {}
 GPU_VALIDATED_ON: dict[tuple[str, str], tuple[str, ...]] = {}
 # END GPU_VALIDATED
 
-# Which faces each op implements; each ops/<op>.py registers itself here at import.
+# Which backends each op implements, and which of its compiled backends' extensions lack its kernels
+# (backend -> why);
+# each ops/<op>.py declares itself (mirai_kernels.ops._registry.declare), which registers it here at import.
 _OP_FACES: dict[str, tuple[str, ...]] = {}
+_OP_MISSING: dict[str, dict[str, str]] = {}
 
 
 class BackendUnavailableError(RuntimeError):
     """Raised when a backend is requested by name but cannot run the call."""
 
 
-def register_op_faces(op: str, faces: tuple[str, ...]) -> None:
-    """Declare which faces ``op`` implements (called once by ``ops/<op>.py``)."""
+def register_op_faces(op: str, faces: tuple[str, ...], missing: dict[str, str] | None = None) -> None:
+    """Declare which backends ``op`` implements, and (``missing``) which of them are built without its kernels, with
+    the reason (called once per op, by :func:`mirai_kernels.ops._registry.declare`)."""
     unknown = set(faces) - set(FACES)
     if unknown:
-        raise ValueError(f"{op}: unknown faces {sorted(unknown)}; faces are {FACES}")
+        raise ValueError(f"{op}: unknown backends {sorted(unknown)}; backends are {FACES}")
     _OP_FACES[op] = tuple(faces)
+    _OP_MISSING[op] = dict(missing or {})
 
 
 def op_faces(op: str) -> tuple[str, ...]:
-    """The faces ``op`` implements (whether or not they are built here)."""
+    """The backends ``op`` implements (whether or not they are built here)."""
     return _OP_FACES[op]
 
 
@@ -101,7 +106,7 @@ def _import_error(module: str) -> str | None:
     return None
 
 
-# Probed once at import (importing an extension registers its ops), so that choosing a face is plain dict/bool
+# Probed once at import (importing an extension registers its ops), so that choosing a backend is plain dict/bool
 # lookups that torch.compile traces without graph breaks.
 _EXTENSION_ERRORS = {name: _import_error(name) for name in ("mirai_kernels._C", "mirai_kernels._C_cuda")}
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -112,7 +117,7 @@ def _extension_error(module: str) -> str | None:
 
 
 def cpp_available() -> bool:
-    """True when the C++ CPU extension ``mirai_kernels._C`` imported (it registers the ``*_cpp`` ops)."""
+    """True when the C++ CPU extension ``mirai_kernels._C`` imported (it registers the CPU kernels, backend ``cpp``)."""
     return _EXTENSION_ERRORS["mirai_kernels._C"] is None
 
 
@@ -140,28 +145,28 @@ def debug_checks() -> bool:
 def face_unavailable_reason(op: str, face: str, device: torch.device) -> str | None:
     """Why ``face`` of ``op`` cannot run on ``device`` here, or None when it can."""
     if face not in op_faces(op):
-        return f"{op} has no {face!r} face (it has {', '.join(op_faces(op))})"
+        return f"{op} has no {face!r} backend (it has {', '.join(op_faces(op))})"
     if face == "reference":
         return None
     if face == "cpp":
         if device.type != "cpu":
-            return f"the 'cpp' face runs on CPU tensors, got {device.type} tensors"
+            return f"backend 'cpp' runs on CPU tensors, got {device.type} tensors"
         if not cpp_available():
             return (
                 "the C++ extension mirai_kernels._C is not built or failed to import "
                 f"({_extension_error('mirai_kernels._C')}); run `pip install --no-build-isolation -e .`"
             )
-        return None
+        return _OP_MISSING.get(op, {}).get(face)
     if face == "cuda":
         if device.type != "cuda":
-            return f"the 'cuda' face runs on CUDA tensors, got {device.type} tensors"
+            return f"backend 'cuda' runs on CUDA tensors, got {device.type} tensors"
         if not cuda_ext_available():
             return (
                 "the CUDA extension mirai_kernels._C_cuda is not built "
                 f"({_extension_error('mirai_kernels._C_cuda')}); rebuild with MIRAI_CUDA=1 "
                 "`pip install --no-build-isolation -e .`"
             )
-        return None
+        return _OP_MISSING.get(op, {}).get(face)
     if face == "triton":
         if not triton_available():
             return "triton is not installed"
@@ -171,9 +176,9 @@ def face_unavailable_reason(op: str, face: str, device: torch.device) -> str | N
                 "mirai_kernels"
             )
         if device.type not in ("cpu", "cuda"):
-            return f"the 'triton' face runs on CUDA (or interpreted on CPU), got {device.type} tensors"
+            return f"backend 'triton' runs on CUDA (or interpreted on CPU), got {device.type} tensors"
         return None
-    raise ValueError(f"unknown face {face!r}")
+    raise ValueError(f"unknown backend {face!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,7 +223,7 @@ def get_backend() -> str:
 
 
 def auto_face(op: str, device: torch.device) -> str:
-    """The face ``auto`` picks for ``op`` on ``device`` (rules in the module docstring)."""
+    """The backend ``auto`` picks for ``op`` on ``device`` (rules in the module docstring)."""
     kind = device_kind(device)
     unvalidated = []
     for face in AUTO_ORDER.get(device.type, ("reference",)):
@@ -291,7 +296,7 @@ def software_versions() -> dict[str, str | None]:
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         triton_version = None
-    import mirai_kernels  # the package is fully imported by the time a face is chosen
+    import mirai_kernels  # the package is fully imported by the time a backend is chosen
 
     return {"torch": torch.__version__, "triton": triton_version,
             "mirai_kernels": getattr(mirai_kernels, "__version__", None)}
@@ -356,15 +361,15 @@ def _selftest_verdict(op: str, face: str, kind: str | None) -> str:
 def _warn_unvalidated_once(op: str, kind: str | None, faces: tuple) -> bool:
     _warn_once("unvalidated", (
         f"mirai_kernels: `auto` runs {op} (and any other op in the same case) with the plain-PyTorch reference on "
-        f"this GPU ({kind}): its {'/'.join(faces)} face is not validated for {kind} yet. Run `{SELFTEST_COMMAND}` "
-        f"once (well under a minute) to validate the fast faces on this machine, or pass backend= explicitly."))
+        f"this GPU ({kind}): its {'/'.join(faces)} backend is not validated for {kind} yet. Run `{SELFTEST_COMMAND}` "
+        f"once (well under a minute) to validate the fast backends on this machine, or pass backend= explicitly."))
     return True
 
 
 def select_face(op: str, device: torch.device, backend: str | None = None) -> str:
-    """Resolve ``backend`` (or the current default) to the face that runs ``op`` on ``device``.
+    """Resolve ``backend`` (or the current default) to the backend that runs ``op`` on ``device``.
 
-    Raises :class:`BackendUnavailableError` with the reason when a face requested by name cannot run."""
+    Raises :class:`BackendUnavailableError` with the reason when a backend requested by name cannot run."""
     name = _check_name(backend) if backend is not None else get_backend()
     if name == "auto":
         return auto_face(op, device)

@@ -46,7 +46,7 @@ class Rope2D(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Foresight heads (issue 5)
+# Foresight heads (docs/method.md, "Foresight loss")
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -238,7 +238,7 @@ class ForesightHeads(nn.Module):
         Returns the :func:`~mirai_kernels.foresight_cosine_loss` pair: ``total = sum_k λ_k per_head[k]``.
     Under ``torch.autocast`` the heads compute in the autocast dtype.
 
-    Presets (see MIRAI_SPEC.md):
+    Presets (docs/method.md, "The official recipe"):
         * :meth:`mirai_e` — Mirai-E: offsets ``{0, 1, W}`` (same cell, right, below; ``{0, 1, 16}`` on 16x16),
           λ = 2 each, raster boundary (paper-exact row wrap), prefix aligned, ``z_dim = d_model`` (the EMA teacher's
           layer-l state).
@@ -351,14 +351,16 @@ class ForesightHeads(nn.Module):
         activations (below), no gradient wanted, the reference face, an empty input, or off CPU eager
         mode (there reading the upstream gradient would cost a device sync; those keep the autograd path). CPU means the
         C++ face (interpreted Triton is a correctness tool, and keeps its own door's checks)."""
+        from .ops import _pairing
         from .ops import foresight as fops
+        from .reference import foresight as _reference_foresight
 
         if self.depth < 2 or self.recompute or not torch.is_grad_enabled() or not (h.requires_grad or any(p.requires_grad
                                                                                           for p in params)):
             return None
         if h.device.type != "cpu" or torch.compiler.is_compiling() or not fops._eager_cpu(h):
             return None
-        face = _backend.select_face(fops.FUSED_OP, h.device, self.backend)
+        face = _backend.select_face(fops.FUSED_OP.name, h.device, self.backend)
         if face != "cpp" or h.numel() == 0 or targets.numel() == 0 or self.z_dim == 0 or self.hidden == 0:
             return None
         batch, seqlen, _ = h.shape
@@ -374,20 +376,20 @@ class ForesightHeads(nn.Module):
             return None
         grid, parsed = fops._check_pairing("ForesightHeads", seqlen, self.n_heads, self.grid, self.offsets,
                                            self.prefix, self.boundary, self.head_weights)
-        tpos = fops._pairing_table(seqlen, grid, parsed, self.prefix, self.boundary, self.align_prefix, h.device)
-        counts = fops._pair_counts(seqlen, grid, parsed, self.prefix, self.boundary, self.align_prefix)
+        tpos = _pairing.pairing_table(seqlen, grid, parsed, self.prefix, self.boundary, self.align_prefix, h.device)
+        counts = _pairing.pair_counts(seqlen, grid, parsed, self.prefix, self.boundary, self.align_prefix)
         weights = self.head_weights or [1.0] * self.n_heads
         # As the fused op: the gradients are made for upstream `weights` (a zero weight: 1, so they are not zero).
         expected = [float(w) if float(w) != 0.0 else 1.0 for w in weights]
         grad_scale = [e / max(1, batch * c) for e, c in zip(expected, counts)]
-        op = getattr(torch.ops.mirai, f"fused_linear_cos_{face}")
+        op = fops.FUSED_OP.op(face)
 
         def recompute_fn(h_leaf, param_leaves):
             return self._autograd_heads(h_leaf, targets, param_leaves, kw)[1]
 
         meta = (op, tpos, grad_scale, expected, self.n_heads, self.hidden, self.depth, recompute_fn)
         per_head = _HeadsGradsInForward.apply(meta, h, targets, *params)
-        return fops._weights_total(per_head, self.head_weights), per_head
+        return _reference_foresight.weighted_total(per_head, self.head_weights), per_head
 
     def head_mlps(self) -> list:
         """The K heads as separate ``nn.Sequential`` MLPs sharing nothing (copies of this module's weights), the
@@ -424,7 +426,7 @@ class ForesightHeads(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Foresight attention (issue 4)
+# Foresight attention (docs/method.md, "The shared bidirectional pass")
 # ---------------------------------------------------------------------------------------------------------
 
 

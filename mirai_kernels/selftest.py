@@ -1,22 +1,22 @@
-"""Validate this package's fast faces on *your* device, so that ``auto`` uses them here.
+"""Validate this package's fast backends on *your* device, so that ``auto`` uses them here.
 
-    python -m mirai_kernels.selftest                 # on the first CUDA device: every triton/cuda face
-    python -m mirai_kernels.selftest --device cpu    # the C++ faces (and interpreted Triton with TRITON_INTERPRET=1)
+    python -m mirai_kernels.selftest                 # on the first CUDA device: every triton/cuda backend
+    python -m mirai_kernels.selftest --device cpu    # the C++ backends (and interpreted Triton, TRITON_INTERPRET=1)
     python -m mirai_kernels.selftest --help
 
-Every fast face of every op runs against the plain-PyTorch reference on a few LlamaGen shapes (GPT-B heads, 16x16
-and 24x24 grids, Mirai-E's foresight offsets) and dtypes, forward and backward: the face's error against the
+Every fast backend of every op runs against the plain-PyTorch reference on a few LlamaGen shapes (GPT-B heads,
+16x16 and 24x24 grids, Mirai-E's foresight offsets) and dtypes, forward and backward: the backend's error against the
 reference evaluated in float64 (on the same rounded inputs) must stay within ``4 x`` the reference's own error at
-the face's dtype plus a per-dtype floor scaled by the output's magnitude. A table is printed; the verdict of each
-op/face (pass if every case passed, fail otherwise) is recorded for this device kind (its compute capability,
+the backend's dtype plus a per-dtype floor scaled by the output's magnitude. A table is printed; the verdict of each
+op/backend (pass if every case passed, fail otherwise) is recorded for this device kind (its compute capability,
 ``sm_90``), together with the torch, Triton and mirai_kernels versions, in the user cache file
 (``$MIRAI_SELFTEST_CACHE``, else ``$XDG_CACHE_HOME/mirai_kernels/selftest.json``, else
-``~/.cache/mirai_kernels/selftest.json``). From then on ``backend="auto"`` picks the passing faces on this kind of
-device and never the failing ones (see :mod:`mirai_kernels.backend`); after a torch, Triton or mirai_kernels
+``~/.cache/mirai_kernels/selftest.json``). From then on ``backend="auto"`` picks the passing backends on this kind
+of device and never the failing ones (see :mod:`mirai_kernels.backend`); after a torch, Triton or mirai_kernels
 upgrade the record is stale and ignored until the selftest runs again.
 
-Exit status: 0 every face passed and the record was written; 1 a face failed (recorded as failing); 2 the device
-cannot be used; 3 the cache file could not be written (nothing recorded; the table is still printed).
+Exit status: 0 every backend passed and the record was written; 1 a backend failed (recorded as failing); 2 the
+device cannot be used; 3 the cache file could not be written (nothing recorded; the table is still printed).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _parse_args(argv):
 
 
 # Per-dtype error floor, relative to the largest |value| of the float64 result: one rounding of the output plus
-# the low-precision products of the fast faces (bf16 P @ V), with margin; garbage, NaN or a wrong mask is far off.
+# the low-precision products of the fast backends (bf16 P @ V), with margin; garbage, NaN or a wrong mask is far off.
 FLOOR = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 6e-2, "float64": 1e-9}
 FACTOR = 4.0
 
@@ -155,12 +155,12 @@ def _call(op: str, inputs: dict, static: dict, backend: str):
     raise ValueError(f"unknown op {op}")
 
 
-# Tests replace this to plant a broken face; the selftest itself always calls through it.
+# Tests replace this to plant a broken backend; the selftest itself always calls through it.
 CALL = _call
 
 
 def _run(case: Case, inputs: dict, static: dict, backend: str, dtype):
-    """Outputs and input gradients (upstream gradients seeded identically for every run) of one face."""
+    """Outputs and input gradients (upstream gradients seeded identically for every run) of one backend."""
     import torch
 
     leaves = {name: t.to(dtype).detach().requires_grad_(name in case.grad_inputs) for name, t in inputs.items()}
@@ -183,7 +183,7 @@ def _check(case: Case, face: str, device) -> dict:
     global _GEN
     _GEN = torch.Generator().manual_seed(0)
     cpu_inputs, static = case.make(device, case.dtype)
-    # Round the inputs to the dtype first: the float64 truth then sees exactly the face's inputs.
+    # Round the inputs to the dtype first: the float64 truth then sees exactly the backend's inputs.
     inputs = {name: t.to(device=device, dtype=case.dtype) for name, t in cpu_inputs.items()}
     row = {"op": case.op, "face": face, "case": case.label, "dtype": str(case.dtype).replace("torch.", "")}
     start = time.perf_counter()
@@ -193,7 +193,7 @@ def _check(case: Case, face: str, device) -> dict:
         got = _run(case, inputs, static, face, case.dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    except Exception as exc:  # a crash is a failing face, reported, not a crashed selftest
+    except Exception as exc:  # a crash is a failing backend, reported, not a crashed selftest
         row.update(verdict="fail", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         row["ms"] = round((time.perf_counter() - start) * 1e3, 1)
         return row
@@ -226,7 +226,8 @@ def run(device, ops=None, faces=None) -> tuple[list[dict], dict[str, str], list[
         if ops and case.op not in ops:
             continue
         fast = [f for f in B.op_faces(case.op) if f != "reference"]
-        # Only the faces that can run on this device type ("cuda" never runs CPU tensors, "cpp" never CUDA ones).
+        # Only the backends that can run on this device type ("cuda" never runs CPU tensors, "cpp" never CUDA
+        # ones).
         fast = [f for f in fast if (f in B.GPU_FACES) == (device.type == "cuda") or f == "triton"]
         for face in fast:
             if faces and face not in faces:
@@ -247,7 +248,7 @@ def run(device, ops=None, faces=None) -> tuple[list[dict], dict[str, str], list[
 def _print_table(rows, verdicts, skipped, header):
     print(header)
     fmt = "{:<26} {:<7} {:<36} {:<9} {:>9} {:>9} {:>9}  {}"
-    print(fmt.format("op", "face", "case", "dtype", "fwd err/b", "bwd err/b", "ms", "verdict"))
+    print(fmt.format("op", "backend", "case", "dtype", "fwd err/b", "bwd err/b", "ms", "verdict"))
     for r in rows:
         bwd = "-" if r.get("bwd_err_over_bound") is None else f"{r['bwd_err_over_bound']:.2e}"
         fwd = "-" if "fwd_err_over_bound" not in r else f"{r['fwd_err_over_bound']:.2e}"
@@ -256,7 +257,7 @@ def _print_table(rows, verdicts, skipped, header):
               + (f"  ({r['error']})" if "error" in r else ""))
     for line in skipped:
         print(f"skipped {line}")
-    print("verdicts: " + (", ".join(f"{k} {v}" for k, v in sorted(verdicts.items())) or "none (no fast face ran)"))
+    print("verdicts: " + (", ".join(f"{k} {v}" for k, v in sorted(verdicts.items())) or "none (no fast backend ran)"))
 
 
 def write_record(path: str, kind: str, record: dict) -> None:
@@ -285,8 +286,8 @@ def main(argv=None) -> int:
 
     if args.device is None:
         if not torch.cuda.is_available():
-            print("selftest: no CUDA device is visible. The selftest validates the GPU faces on your GPU; "
-                  "`--device cpu` checks the C++ faces instead.", file=sys.stderr)
+            print("selftest: no CUDA device is visible. The selftest validates the GPU backends on your GPU; "
+                  "`--device cpu` checks the C++ backends instead.", file=sys.stderr)
             return 2
         args.device = "cuda"
     device = torch.device(args.device)
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
         # only choose between configs that are all compile-checked, not change what is validated.
         os.environ.setdefault("MIRAI_AUTOTUNE", "0")
     elif device.type != "cpu":
-        print(f"selftest: device type {device.type} has no fast faces here", file=sys.stderr)
+        print(f"selftest: device type {device.type} has no fast backends here", file=sys.stderr)
         return 2
     kind = B.device_kind(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -333,8 +334,8 @@ def main(argv=None) -> int:
     failing = [k for k, v in sorted(verdicts.items()) if v == "fail"]
     print(f"recorded for {kind} in {path}: passing {', '.join(passing) or 'none'}"
           + (f"; FAILING (auto never picks them here) {', '.join(failing)}" if failing else "")
-          + (". `auto` now picks the passing faces on this device kind." if device.type == "cuda" else
-             ". (On CPU `auto` picks the C++ faces unless they failed here; never interpreted Triton.)"))
+          + (". `auto` now picks the passing backends on this device kind." if device.type == "cuda" else
+             ". (On CPU `auto` picks the C++ backends unless they failed here; never interpreted Triton.)"))
     return status
 
 

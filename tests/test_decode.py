@@ -12,7 +12,7 @@ from torch.library import opcheck
 
 import mirai_kernels as mk
 from mirai_kernels import backend as B
-from mirai_kernels.ops import decode as decode_ops
+from mirai_kernels.ops import face_op
 from mirai_kernels.reference.rope import apply_rope_2d as ref_rope
 
 from .tolerances import ATOL, RTOL, assert_close_fa
@@ -266,14 +266,14 @@ def test_opcheck(face, append, rope):
                                                                     append=append)
     if not append:
         seqlens = torch.tensor([2, 17], dtype=torch.int32)
-    opcheck(decode_ops.face_op(face), (q, k_cache, v_cache, k_new, v_new, seqlens, table, 0.25, 2))
+    opcheck(face_op("decode_attention", face), (q, k_cache, v_cache, k_new, v_new, seqlens, table, 0.25, 2))
 
 
 def test_cpp_extension_registers_the_op():
     if "cpp" not in CPU_FACES:
         pytest.skip("C++ extension not built")
-    assert hasattr(torch.ops.mirai, "decode_attention_cpp")
-    schema = str(torch.ops.mirai.decode_attention_cpp.default._schema)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mirai::decode_attention", "CPU")
+    schema = str(torch.ops.mirai.decode_attention.default._schema)
     assert "Tensor(a!) k_cache" in schema and "Tensor(b!) v_cache" in schema
 
 
@@ -373,7 +373,7 @@ def test_raw_cpp_op_checks_its_inputs():
         pytest.skip("C++ extension not built")
     q, k_cache, v_cache, k_new, v_new, _, table = make_inputs(2, 1, 4, 2, 64, 10, [3, 9], rope=True)
     k_before = k_cache.clone()
-    op = torch.ops.mirai.decode_attention_cpp
+    op = torch.ops.mirai.decode_attention
     with pytest.raises(RuntimeError, match="cache too small"):
         op(q, k_cache, v_cache, k_new, v_new, torch.tensor([0, 10], dtype=torch.int32), table, 0.1, 0)
     assert torch.equal(k_cache, k_before)
@@ -661,7 +661,7 @@ def test_gpu_opcheck(face):
     _gpu_face_runnable(face)
     q, k_cache, v_cache, k_new, v_new, seqlens, table = make_inputs(2, 1, 4, 2, 64, 40, [0, 30], dtype=torch.float16,
                                                                     device="cuda", rope=True)
-    opcheck(decode_ops.face_op(face), (q, k_cache, v_cache, k_new, v_new, seqlens, table, 0.125, 0))
+    opcheck(face_op("decode_attention", face), (q, k_cache, v_cache, k_new, v_new, seqlens, table, 0.125, 0))
 
 
 @pytest.mark.gpu
@@ -706,9 +706,9 @@ def test_gpu_cuda_graph_capture_and_replay(face):
 def test_cuda_extension_registers_the_op_when_built():
     if not B.cuda_ext_available():
         pytest.skip("CUDA extension not built")
-    if not hasattr(torch.ops.mirai, "decode_attention_cuda"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("mirai::decode_attention", "CUDA"):
         pytest.skip("mirai_kernels._C_cuda predates csrc/cuda/decode.cu (rebuild with MIRAI_CUDA=1)")
-    schema = str(torch.ops.mirai.decode_attention_cuda.default._schema)
+    schema = str(torch.ops.mirai.decode_attention.default._schema)
     assert "Tensor(a!) k_cache" in schema and "Tensor(b!) v_cache" in schema
 
 

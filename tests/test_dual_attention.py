@@ -11,7 +11,7 @@ from torch.library import opcheck
 
 import mirai_kernels as mk
 from mirai_kernels import backend as B
-from mirai_kernels.ops import dual_attention as da_ops
+from mirai_kernels.ops import face_op
 from mirai_kernels.reference import dual_attention as ref
 
 from .tolerances import assert_close_fa
@@ -245,7 +245,7 @@ def test_no_nan_at_length_one_and_huge_logits(face):
 
 @pytest.mark.parametrize("face", FAST)
 def test_opcheck(face):
-    ops = da_ops.face_ops(face)
+    ops = {stage: face_op("dual_attention", face, stage) for stage in ("fwd", "bwd")}
     q, k, v = (t.detach().requires_grad_() for t in fused_qkv(1, 19, 2, 1, 16, torch.float32))
     for causal, bidir in ((True, True), (True, False), (False, True)):
         opcheck(ops["fwd"], (q, k, v, 0.25, causal, bidir, True))

@@ -8,6 +8,7 @@ from torch.library import opcheck
 
 import mirai_kernels as mk
 from mirai_kernels import backend as B
+from mirai_kernels.ops import face_op
 from mirai_kernels.ops import foresight as fops
 from mirai_kernels.reference import foresight as ref
 
@@ -16,7 +17,7 @@ from .tolerances import assert_close_fa
 from mirai_kernels.modules import ForesightHeads as ForesightHeadsCls  # noqa: E402
 
 CPU = torch.device("cpu")
-FACES = [f for f in ("cpp", "triton") if f in B.available_faces(fops.OP, CPU)]
+FACES = [f for f in ("cpp", "triton") if f in B.available_faces(fops.OP.name, CPU)]
 ALL_FACES = ["reference"] + FACES
 
 NINE_RASTER = [0, 1, 16, 17, 2, 18, 34, 33, 32]
@@ -335,7 +336,8 @@ def test_fused_linear_without_grad_and_partial_grads(face):
 
 @pytest.mark.parametrize("face", FACES)
 def test_opcheck(face):
-    ops = fops.face_ops(face)
+    ops = {"fwd": face_op("foresight_cosine_loss", face, "fwd"), "bwd": face_op("foresight_cosine_loss", face, "bwd"),
+           "fused": face_op("fused_linear_cosine_loss", face)}
     tpos = fops.pairing_table(15, (4, 4), [0, 1, 5], prefix=1, boundary="grid")
     proj = torch.randn(2, 15, 3, 16, requires_grad=True)
     targets = torch.randn(2, 15, 16)
@@ -441,15 +443,15 @@ def test_triton_face_refuses_fp64():
 def test_raw_cpp_op_checks_its_inputs():
     tpos = torch.full((15, 1), 20, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="tpos values must lie in"):
-        torch.ops.mirai.foresight_cos_fwd_cpp(P(1, 15, 1, 8), P(1, 15, 8), tpos)
+        torch.ops.mirai.foresight_cosine_loss_fwd(P(1, 15, 1, 8), P(1, 15, 8), tpos)
     with pytest.raises(RuntimeError, match="differs from proj dtype"):
-        torch.ops.mirai.foresight_cos_fwd_cpp(P(1, 15, 1, 8), P(1, 15, 8).double(), tpos.zero_())
+        torch.ops.mirai.foresight_cosine_loss_fwd(P(1, 15, 1, 8), P(1, 15, 8).double(), tpos.zero_())
 
 
 def test_auto_picks_cpp_on_cpu():
     expected = "cpp" if "cpp" in FACES else "reference"
-    assert B.select_face(fops.OP, CPU, "auto") == expected
-    assert B.select_face(fops.FUSED_OP, CPU, "auto") == expected
+    assert B.select_face(fops.OP.name, CPU, "auto") == expected
+    assert B.select_face(fops.FUSED_OP.name, CPU, "auto") == expected
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -477,7 +479,7 @@ def test_gpu_triton_fused_and_cosine(dtype, case):
     mk.fused_linear_cosine_loss(xf, wf, bf, targets, offsets, backend="triton", **kw)[0].backward()
     assert_close_fa(xf.grad, xr.grad, xp.grad, factor=3.0, name="grad_x")
     assert_close_fa(wf.grad, wr.grad, wp.grad, factor=3.0, name="grad_weight")
-    opcheck(fops.face_ops("triton")["fwd"], (proj.detach().requires_grad_(), targets, tpos))
+    opcheck(face_op("foresight_cosine_loss", "triton", "fwd"), (proj.detach().requires_grad_(), targets, tpos))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -375,7 +375,7 @@ def draw_foresight(rng, face):
     return seqlen, (height, width), offsets, boundary, rng.random() < 0.5
 
 
-@pytest.mark.parametrize("face,seed", cases(fops.OP))
+@pytest.mark.parametrize("face,seed", cases(fops.OP.name))
 def test_fuzz_foresight_cosine_loss(face, seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -421,7 +421,7 @@ def test_fuzz_foresight_cosine_loss(face, seed):
                 assert torch.equal(g, torch.zeros_like(g))
 
 
-@pytest.mark.parametrize("face,seed", cases(fops.FUSED_OP))
+@pytest.mark.parametrize("face,seed", cases(fops.FUSED_OP.name))
 def test_fuzz_fused_linear_cosine_loss(face, seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)

@@ -8,7 +8,7 @@ from torch.library import opcheck
 
 import mirai_kernels as mk
 from mirai_kernels import backend as B
-from mirai_kernels.ops import rope as rope_ops
+from mirai_kernels.ops import face_op
 from mirai_kernels.reference import rope as ref
 
 from .tolerances import assert_close_fa
@@ -121,7 +121,7 @@ def test_positions_select_table_rows(face, per_batch):
 def test_opcheck(face):
     table = mk.rope_2d_table((4, 4), 16)
     x = torch.randn(2, 17, 3, 16, requires_grad=True)
-    op = rope_ops.face_op(face)
+    op = face_op("apply_rope_2d", face)
     opcheck(op, (x, table, None, False))
     opcheck(op, (x[:, :5], table, torch.tensor([[0, 4, 9, 16, 2], [1, 1, 1, 1, 1]], dtype=torch.int32), True))
 
@@ -199,9 +199,9 @@ def test_bad_inputs_raise_clear_errors(make, error, match, face):
 @pytest.mark.skipif(not B.cpp_available(), reason="C++ extension not built")
 def test_raw_cpp_op_checks_its_inputs():
     with pytest.raises(RuntimeError, match="lie in"):
-        torch.ops.mirai.apply_rope_2d_cpp(torch.randn(1, 2, 1, 16), TABLE, torch.tensor([0, 99], dtype=torch.int32), False)
+        torch.ops.mirai.apply_rope_2d(torch.randn(1, 2, 1, 16), TABLE, torch.tensor([0, 99], dtype=torch.int32), False)
     with pytest.raises(RuntimeError, match="unit last-dim stride"):
-        torch.ops.mirai.apply_rope_2d_cpp(torch.randn(1, 2, 16, 2).transpose(2, 3), TABLE, None, False)
+        torch.ops.mirai.apply_rope_2d(torch.randn(1, 2, 16, 2).transpose(2, 3), TABLE, None, False)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -221,13 +221,13 @@ def test_table_bad_arguments(kwargs, match):
 
 def test_cpp_extension_registers_ops():
     assert B.cpp_available(), f"mirai_kernels._C failed to import: {B._extension_error('mirai_kernels._C')}"
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("mirai::apply_rope_2d_cpp", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mirai::apply_rope_2d", "CPU")
     assert hasattr(torch.ops.mirai, "apply_rope_2d_triton")
 
 
 @pytest.mark.skipif(not B.cuda_ext_available(), reason="CUDA extension not built")
 def test_cuda_extension_registers_ops():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("mirai::apply_rope_2d_cuda", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("mirai::apply_rope_2d", "CUDA")
 
 
 def test_auto_picks_cpp_on_cpu_and_never_interpreted_triton(monkeypatch):
@@ -304,7 +304,7 @@ def test_gpu_faces_match_fp64(face, dtype, shape):
     positions = torch.randint(0, table.shape[0], (batch, seqlen), dtype=torch.int32, device="cuda")
     torch.testing.assert_close(mk.apply_rope_2d(x, table, positions, backend=face),
                                ref.apply_rope_2d(x, table, positions), atol=2e-2, rtol=2e-2)
-    opcheck(rope_ops.face_op(face), (x, table, positions, False))
+    opcheck(face_op("apply_rope_2d", face), (x, table, positions, False))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -86,12 +86,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, at::Tensor& k_cache, at::T
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mirai, m) {
-  m.def(
-      "decode_attention_cuda(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
-      "Tensor cache_seqlens, Tensor? rope_table, float softmax_scale, int num_splits) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(mirai, CUDA, m) { m.impl("decode_attention_cuda", &decode_attention_cuda); }
+// The schema of mirai::decode_attention is declared once, in mirai_kernels/ops/decode.py; this is its CUDA kernel.
+TORCH_LIBRARY_IMPL(mirai, CUDA, m) { m.impl("decode_attention", &decode_attention_cuda); }
 
 }  // namespace mirai

@@ -64,10 +64,7 @@ at::Tensor apply_rope_2d_cuda(const at::Tensor& x, const at::Tensor& table, cons
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mirai, m) {
-  m.def("apply_rope_2d_cuda(Tensor x, Tensor table, Tensor? positions, bool conjugate) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(mirai, CUDA, m) { m.impl("apply_rope_2d_cuda", &apply_rope_2d_cuda); }
+// The schema of mirai::apply_rope_2d is declared once, in mirai_kernels/ops/rope.py; this is its CUDA kernel.
+TORCH_LIBRARY_IMPL(mirai, CUDA, m) { m.impl("apply_rope_2d", &apply_rope_2d_cuda); }
 
 }  // namespace mirai

@@ -1,14 +1,10 @@
-"""The door of KV-cache decode attention: input checks, one ``torch.ops.mirai`` op per fast face, the public function.
+"""The door of KV-cache decode attention: its declaration, input checks, and the public function.
 
-Faces (pattern of :mod:`mirai_kernels.ops.rope`):
-
-* ``decode_attention_cpp`` (csrc/decode.cpp, CPU) and ``decode_attention_cuda`` (csrc/cuda/decode.cu, CUDA): schemas
-  defined in C++, with ``Tensor(a!) k_cache, Tensor(b!) v_cache`` since they append in place;
-* ``decode_attention_triton``: ``torch.library.custom_op`` here, ``mutates_args=("k_cache", "v_cache")``;
-* ``reference``: plain PyTorch (:mod:`mirai_kernels.reference.decode`).
-
-All face ops share one signature ``(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table, softmax_scale,
-num_splits) -> out`` and a fake kernel registered here.
+Declared with :mod:`mirai_kernels.ops._registry`: ``mirai::decode_attention`` carries the compiled backends
+(``cpp``: CPU kernel, csrc/decode.cpp; ``cuda``: CUDA kernel, csrc/cuda/decode.cu), ``mirai::decode_attention_triton``
+the Triton one; one schema ``(q, k_cache!, v_cache!, k_new, v_new, cache_seqlens, rope_table, softmax_scale,
+num_splits) -> out`` (``Tensor(a!) k_cache, Tensor(b!) v_cache``: they append in place) and one fake kernel. The
+``reference`` backend is plain PyTorch (:mod:`mirai_kernels.reference.decode`).
 
 Inference only: decode attention has no autograd formula (sampling runs under ``torch.no_grad``/``inference_mode``);
 the public function raises if grad mode is on and an input requires grad.
@@ -26,33 +22,11 @@ import torch
 
 from .. import backend as _backend
 from ..reference import decode as _reference
-from . import _checks
-
-OP = "decode_attention"
-_backend.register_op_faces(OP, ("reference", "triton", "cpp", "cuda"))
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from . import _checks, _registry
+from ._checks import describe as _describe
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Face ops
-# ---------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op(
-    "mirai::decode_attention_triton", mutates_args=("k_cache", "v_cache"), device_types=("cuda", "cpu")
-)
-def _decode_attention_triton(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_new: Optional[torch.Tensor],
-    v_new: Optional[torch.Tensor],
-    cache_seqlens: torch.Tensor,
-    rope_table: Optional[torch.Tensor],
-    softmax_scale: float,
-    num_splits: int,
-) -> torch.Tensor:
+def _triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table, softmax_scale, num_splits):
     from ..triton import decode as kernels  # lazy: Triton is optional and reads TRITON_INTERPRET when it decorates
 
     return kernels.decode_attention(
@@ -61,19 +35,18 @@ def _decode_attention_triton(
 
 
 def _fake(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table, softmax_scale, num_splits):
-    return q.new_empty(q.shape)  # contiguous, like every face
+    return q.new_empty(q.shape)  # contiguous, like every backend
 
 
-torch.library.register_fake("mirai::decode_attention_triton")(_fake)
-if _backend.cpp_available():
-    torch.library.register_fake("mirai::decode_attention_cpp")(_fake)
-if _backend.cuda_ext_available() and hasattr(torch.ops.mirai, "decode_attention_cuda"):
-    torch.library.register_fake("mirai::decode_attention_cuda")(_fake)
-
-
-def face_op(face: str):
-    """The ``torch.ops.mirai`` op behind ``face`` (``triton``, ``cpp`` or ``cuda``), for tests and opcheck."""
-    return getattr(torch.ops.mirai, f"{OP}_{face}").default
+OP = _registry.declare(
+    "decode_attention",
+    faces=("reference", "triton", "cpp", "cuda"),
+    fp64_faces=("reference", "cpp"),
+    stages={"": _registry.Stage(
+        "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, Tensor cache_seqlens, "
+        "Tensor? rope_table, float softmax_scale, SymInt num_splits) -> Tensor",
+        triton=_triton, fake=_fake)},
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,23 +54,21 @@ def face_op(face: str):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table) -> None:
     where = "decode_attention"
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{where}: {name} must be a 4-D tensor (batch, seqlen, nheads, head_dim), got {_shape(t)}")
+    for name, t, layout in (("q", q, "(batch, seqlen_q, nheads, head_dim)"),
+                            ("k_cache", k_cache, "(batch, max_seqlen, nheads_kv, head_dim)"),
+                            ("v_cache", v_cache, "(batch, max_seqlen, nheads_kv, head_dim)")):
+        _checks.check_rank(where, name, t, layout)
     batch, seqlen_q, nheads, head_dim = q.shape
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{where}: q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    _checks.check_float(where, "q", q)
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"{where}: k_cache {_shape(k_cache)} and v_cache {_shape(v_cache)} must have the same shape")
+        raise ValueError(f"{where}: k_cache {_describe(k_cache)} and v_cache {_describe(v_cache)} must have the "
+                         "same shape")
     if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        raise ValueError(f"{where}: caches (batch, max_seqlen, nheads_kv, head_dim) = {_shape(k_cache)} do not match "
-                         f"q (batch, seqlen_q, nheads, head_dim) = {_shape(q)}")
+        raise ValueError(f"{where}: caches (batch, max_seqlen, nheads_kv, head_dim) = {_describe(k_cache)} do not "
+                         "match "
+                         f"q (batch, seqlen_q, nheads, head_dim) = {_describe(q)}")
     nheads_kv = k_cache.shape[2]
     if nheads_kv == 0 or nheads % nheads_kv:
         raise ValueError(f"{where}: nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv})")
@@ -108,37 +79,24 @@ def _check_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table) 
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, seqlen_q, nheads_kv, head_dim):
                 raise ValueError(f"{where}: {name} must be (batch, seqlen_q, nheads_kv, head_dim) = "
-                                 f"{(batch, seqlen_q, nheads_kv, head_dim)}, got {_shape(t)}")
+                                 f"{(batch, seqlen_q, nheads_kv, head_dim)}, got {_describe(t)}")
         tensors += [("k_new", k_new), ("v_new", v_new)]
     for name, t in tensors:
         if t.dtype != q.dtype:
             raise TypeError(f"{where}: {name} is {t.dtype} but q is {q.dtype}; q, the caches and k_new/v_new must "
                             "share one dtype")
-        if t.device != q.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but q is on {q.device}")
-        if head_dim > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{where}: {name} must have a unit stride in its last dim (got strides {t.stride()})")
+        _checks.check_device(where, name, t, "q", q)
+        _checks.check_unit_stride(where, name, t)
     if not isinstance(cache_seqlens, torch.Tensor) or tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(f"{where}: cache_seqlens must be a (batch,) = ({batch},) tensor, got {_shape(cache_seqlens)}")
+        raise ValueError(f"{where}: cache_seqlens must be a (batch,) = ({batch},) tensor, got "
+                         f"{_describe(cache_seqlens)}")
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"{where}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"{where}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    _checks.check_device(where, "cache_seqlens", cache_seqlens, "q", q)
     if rope_table is not None:
-        if not isinstance(rope_table, torch.Tensor) or rope_table.dim() != 3 or rope_table.shape[1:] != (
-            head_dim // 2,
-            2,
-        ) or head_dim % 2:
-            raise ValueError(f"{where}: rope_table must be (rows, head_dim/2 = {head_dim // 2}, 2) as built by "
-                             f"rope_2d_table, got {_shape(rope_table)}")
-        if rope_table.dtype != torch.float32:
-            raise TypeError(f"{where}: rope_table must be float32, got {rope_table.dtype}")
-        if not rope_table.is_contiguous():
-            raise ValueError(f"{where}: rope_table must be contiguous")
-        if rope_table.device != q.device:
-            raise ValueError(f"{where}: rope_table is on {rope_table.device} but q is on {q.device}")
+        _checks.check_rope_table(where, "rope_table", rope_table, head_dim, "q", q)
     if k_new is not None:
-        # An expand()ed cache maps several (batch, row, head) slots to one memory row: the fast faces would write
+        # An expand()ed cache maps several (batch, row, head) slots to one memory row: the fast backends would write
         # them all there and attend to whichever came last.
         _checks.check_writable(where, "k_cache", k_cache)
         _checks.check_writable(where, "v_cache", v_cache)
@@ -147,7 +105,7 @@ def _check_inputs(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table) 
         raise RuntimeError(f"{where} is inference-only (no autograd formula): call it under torch.no_grad() or "
                            "torch.inference_mode(), or detach the inputs")
     # Reading device values syncs the GPU with the host: on GPU this runs only under MIRAI_DEBUG=1 and outside CUDA
-    # graph capture. Under torch.compile it is skipped (data-dependent branches break the graph); the C++ CPU face
+    # graph capture. Under torch.compile it is skipped (data-dependent branches break the graph); the C++ CPU backend
     # checks the values itself, and the GPU kernels never touch memory outside the cache.
     if batch and not torch.compiler.is_compiling() and (
         cache_seqlens.device.type == "cpu"
@@ -196,7 +154,7 @@ def decode_attention(
 
     Arguments:
         q: ``(batch, seqlen_q, nheads, head_dim)``, float16 / bfloat16 / float32 (float64: reference and C++
-            faces). ``seqlen_q`` is small: 1 per decode step, more for a prefill chunk or a speculative window.
+            backends). ``seqlen_q`` is small: 1 per decode step, more for a prefill chunk or a speculative window.
         k_cache, v_cache: ``(batch, max_seqlen, nheads_kv, head_dim)`` BSHD, q's dtype, ``nheads % nheads_kv == 0``
             (MQA/GQA: query head ``h`` reads kv head ``h // (nheads // nheads_kv)``). Written in place when
             ``k_new``/``v_new`` are given. Any strides with a unit last-dim stride.
@@ -209,7 +167,7 @@ def decode_attention(
         rope_table: optional ``(rows, head_dim/2, 2)`` float32 from :func:`mirai_kernels.rope_2d_table`. q and
             k_new are rotated (LlamaGen interleaved pairs, rounded to q's dtype) by row = their absolute position
             ``L_b - seqlen_q + i`` (``L_b`` the length after the append); v is never rotated.
-        num_splits: key splits per (batch, kv head) for the split-KV faces (flash-decoding); 0 picks from the
+        num_splits: key splits per (batch, kv head) for the split-KV backends (flash-decoding); 0 picks from the
             static shapes (never from ``cache_seqlens`` values, so a CUDA-graph-captured step keeps its launch).
             Ignored by the reference.
         backend: ``None`` (current default, see :mod:`mirai_kernels.backend`), ``"auto"``, ``"reference"``,
@@ -223,7 +181,7 @@ def decode_attention(
     GPU kernels touch memory outside the cache, but their results are then undefined. Inference only: raises if
     grad mode is on and an input requires grad.
 
-    Bad input (every face, checked here once): appending into caches whose rows alias (``expand``ed, stride 0) or
+    Bad input (every backend, checked here once): appending into caches whose rows alias (``expand``ed, stride 0) or
     into ``k_cache`` = ``v_cache`` is refused. Non-finite values follow plain attention (SDPA): a NaN in q or in a
     visible key makes the row NaN, a NaN/Inf in a visible value reaches that output dimension; cache rows a query
     does not see (past ``L_b``, or after its position) never reach it whatever they hold; a row whose visible scores
@@ -236,16 +194,12 @@ def decode_attention(
     scale = 1.0 / math.sqrt(max(1, q.shape[-1])) if scale is None else scale  # head_dim 0: empty anyway
     # More splits than cache rows only adds empty splits (and a split-sized buffer per split): clamp.
     num_splits = min(num_splits, max(1, k_cache.shape[1]))
-    face = _backend.select_face(OP, q.device, backend)
-    _checks.check_face_dtype("decode_attention", face, q.dtype)
     # Empty q (batch, seqlen_q, nheads or head_dim 0): the reference's exact append (k_new may still have rows when
-    # nheads = 0) and an empty output, on every face, with no zero-sized launch.
-    face = _checks.face_for(face, q)
+    # nheads = 0) and an empty output, on every backend, with no zero-sized launch.
+    face = OP.select(q.device, backend, q.dtype, q)
     if face == "reference":
         return _reference.decode_attention(q, k_cache, v_cache, k_new, v_new, cache_seqlens, scale, rope_table)
     if face == "cuda" and (q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128)):
-        raise TypeError(f"decode_attention: the cuda face takes float16/bfloat16 with head_dim 64 or 128, got "
+        raise TypeError(f"decode_attention: backend='cuda' takes float16/bfloat16 with head_dim 64 or 128, got "
                         f"{q.dtype}, head_dim {q.shape[-1]}")
-    return getattr(torch.ops.mirai, f"{OP}_{face}")(
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table, scale, num_splits
-    )
+    return OP.op(face)(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rope_table, scale, num_splits)

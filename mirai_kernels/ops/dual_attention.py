@@ -1,18 +1,17 @@
-"""The door of dual (causal + bidirectional) attention: input checks, the face ops, and :func:`dual_attention`.
+"""The door of dual (causal + bidirectional) attention: its declaration, input checks, and :func:`dual_attention`.
 
-Face ops (one forward and one backward per fast face, same schemas everywhere):
+Declared stages (:mod:`mirai_kernels.ops._registry`: ``mirai::dual_attention_<stage>`` for the ``cpp`` backend,
+csrc/dual_attention.cpp, and ``mirai::dual_attention_<stage>_triton``; CUDA, or CPU under the interpreter):
 
-* ``mirai::dual_attention_fwd_<face>(q, k, v, softmax_scale, causal, bidirectional, bidirectional_grad)
+* ``fwd(q, k, v, softmax_scale, causal, bidirectional, bidirectional_grad)
   -> (out_causal, out_bidir, lse_causal, lse_bidir)``: an output not requested comes back as an empty tensor
   (shape ``(0,)``) and is not computed. ``bidirectional_grad`` does not change the forward; it tells the autograd
   formula whether the bidirectional output's gradient flows (decided here, at forward time, because autograd hands
   zeros rather than None for outputs the loss ignores).
-* ``mirai::dual_attention_bwd_<face>(q, k, v, out_c?, out_b?, lse_c?, lse_b?, dout_c?, dout_b?, softmax_scale)
-  -> (dq, dk, dv)``: a None upstream gradient skips its share of the work (a None ``dout_b`` skips every key
-  tile above the diagonal).
+* ``bwd(q, k, v, out_c?, out_b?, lse_c?, lse_b?, dout_c?, dout_b?, softmax_scale) -> (dq, dk, dv)``: a None
+  upstream gradient skips its share of the work (a None ``dout_b`` skips every key tile above the diagonal).
 
-Faces: ``cpp`` (csrc/dual_attention.cpp), ``triton`` (``custom_op`` below; CUDA, or CPU under the interpreter) and
-the plain-PyTorch ``reference`` (autograd by PyTorch). The LSEs are never differentiable.
+The ``reference`` backend is plain PyTorch (autograd by PyTorch). The LSEs are never differentiable.
 """
 
 from __future__ import annotations
@@ -22,37 +21,19 @@ from typing import Optional
 
 import torch
 
-from .. import backend as _backend
 from ..reference import dual_attention as _reference
-from . import _checks
-
-OP = "dual_attention"
-_backend.register_op_faces(OP, ("reference", "triton", "cpp"))
+from . import _checks, _registry
 
 OUTPUTS = ("both", "causal", "bidirectional")
-_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Face ops
-# ---------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("mirai::dual_attention_fwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
-def _dual_attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                               causal: bool, bidirectional: bool, bidirectional_grad: bool
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_fwd(q, k, v, softmax_scale, causal, bidirectional, bidirectional_grad):
     from ..triton import dual_attention as kernels  # lazy: Triton is optional and reads TRITON_INTERPRET
 
     return kernels.dual_attention_fwd(q, k, v, softmax_scale, causal, bidirectional)
 
 
-@torch.library.custom_op("mirai::dual_attention_bwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
-def _dual_attention_bwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_c: Optional[torch.Tensor],
-                               out_b: Optional[torch.Tensor], lse_c: Optional[torch.Tensor],
-                               lse_b: Optional[torch.Tensor], dout_c: Optional[torch.Tensor],
-                               dout_b: Optional[torch.Tensor], softmax_scale: float
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _triton_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, softmax_scale):
     from ..triton import dual_attention as kernels
 
     return kernels.dual_attention_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, softmax_scale)
@@ -70,11 +51,6 @@ def _fake_bwd(q, k, v, out_c, out_b, lse_c, lse_b, dout_c, dout_b, softmax_scale
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    # Faces need a unit last-dim stride; autograd can hand expanded (e.g. from .sum()) or transposed gradients.
-    return t if t.size(-1) <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def _reference_vjp(q, k, v, softmax_scale, dout_c, dout_b):
     """``(dq, dk, dv)`` for upstream ``dout_c``/``dout_b`` (None: not flowing) from the reference maths, as a
     differentiable graph (used by the fast faces' backward under ``create_graph=True``)."""
@@ -87,9 +63,8 @@ def _reference_vjp(q, k, v, softmax_scale, dout_c, dout_b):
         return torch.autograd.grad(outs, leaves, grads, create_graph=True, allow_unused=True)
 
 
-def _register(face: str) -> None:
-    fwd, bwd = f"mirai::dual_attention_fwd_{face}", f"mirai::dual_attention_bwd_{face}"
-    bwd_op = getattr(torch.ops.mirai, f"dual_attention_bwd_{face}")
+def _autograd(ops):
+    bwd_op = ops["bwd"]
 
     def setup_context(ctx, inputs, output):
         q, k, v, softmax_scale, causal, bidirectional, bidirectional_grad = inputs
@@ -101,8 +76,8 @@ def _register(face: str) -> None:
 
     def backward(ctx, grad_c, grad_b, _grad_lse_c, _grad_lse_b):
         q, k, v, out_c, out_b, lse_c, lse_b = ctx.saved_tensors
-        dout_c = _unit_last_stride(grad_c) if ctx.has_c and grad_c is not None else None
-        dout_b = _unit_last_stride(grad_b) if ctx.has_b and grad_b is not None else None
+        dout_c = _checks.unit_last_stride(grad_c) if ctx.has_c and grad_c is not None else None
+        dout_b = _checks.unit_last_stride(grad_b) if ctx.has_b and grad_b is not None else None
         if dout_c is None and dout_b is None:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
         if torch.is_grad_enabled():
@@ -114,22 +89,24 @@ def _register(face: str) -> None:
                             dout_c, dout_b, ctx.softmax_scale)
         return dq, dk, dv, None, None, None, None
 
-    torch.library.register_fake(fwd)(_fake_fwd)
-    torch.library.register_fake(bwd)(_fake_bwd)
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    return backward, setup_context
 
 
-_register("triton")
-if _backend.cpp_available() and hasattr(torch.ops.mirai, "dual_attention_fwd_cpp"):
-    _register("cpp")
-
-
-def face_ops(face: str) -> dict:
-    """The ``torch.ops.mirai`` ops behind ``face`` (``triton`` or ``cpp``), for tests and opcheck."""
-    return {
-        "fwd": getattr(torch.ops.mirai, f"dual_attention_fwd_{face}").default,
-        "bwd": getattr(torch.ops.mirai, f"dual_attention_bwd_{face}").default,
-    }
+OP = _registry.declare(
+    "dual_attention",
+    faces=("reference", "triton", "cpp"),
+    fp64_faces=("reference",),
+    stages={
+        "fwd": _registry.Stage(
+            "(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, bool bidirectional, "
+            "bool bidirectional_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+            triton=_triton_fwd, fake=_fake_fwd, autograd=_autograd),
+        "bwd": _registry.Stage(
+            "(Tensor q, Tensor k, Tensor v, Tensor? out_c, Tensor? out_b, Tensor? lse_c, Tensor? lse_b, "
+            "Tensor? dout_c, Tensor? dout_b, float softmax_scale) -> (Tensor, Tensor, Tensor)",
+            triton=_triton_bwd, fake=_fake_bwd),
+    },
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,16 +114,10 @@ def face_ops(face: str) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _describe(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check_inputs(q, k, v, softmax_scale, outputs) -> None:
     where = "dual_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{where}: {name} must be a 4-D (batch, seqlen, nheads, head_dim) tensor, got "
-                             f"{_describe(t)}")
+        _checks.check_rank(where, name, t, "(batch, seqlen, nheads, head_dim)")
     if k.shape != v.shape:
         raise ValueError(f"{where}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
@@ -156,15 +127,11 @@ def _check_inputs(q, k, v, softmax_scale, outputs) -> None:
         raise ValueError(f"{where}: nheads_k = {k.shape[2]} must divide nheads = {q.shape[2]} (grouped K/V)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{where}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _FAST_DTYPES + (torch.float64,):
-        raise TypeError(f"{where}: dtype must be float16, bfloat16 or float32 (float64: reference face), got "
-                        f"{q.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{where}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _checks.check_float(where, "q", q)
+    for name, t in (("k", k), ("v", v)):
+        _checks.check_device(where, name, t, "q", q)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{where}: {name} must have a unit stride in its last dim (got strides {t.stride()}); "
-                             "strided views of a fused qkv are fine, a transposed head_dim is not")
+        _checks.check_unit_stride(where, name, t)
     if outputs not in OUTPUTS:
         raise ValueError(f"{where}: outputs must be one of {OUTPUTS}, got {outputs!r}")
     _checks.check_softmax_scale(where, softmax_scale)
@@ -176,11 +143,11 @@ def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
     """Causal and bidirectional attention over the same q, k, v from one pass over the keys.
 
     Row ``i`` of the causal output attends to keys ``j <= i``, row ``i`` of the bidirectional output to all keys.
-    The fast faces compute both for the price of one full attention (and one full backward); see MIRAI_SPEC.md,
-    "The shared bidirectional pass".
+    The fast backends compute both for the price of one full attention (and one full backward); see
+    docs/method.md, "The shared bidirectional pass".
 
     Arguments:
-        q: ``(batch, seqlen, nheads, head_dim)``, float16 / bfloat16 / float32 (float64: reference face only).
+        q: ``(batch, seqlen, nheads, head_dim)``, float16 / bfloat16 / float32 (float64: reference backend only).
         k, v: ``(batch, seqlen, nheads_k, head_dim)``, q's dtype and device; ``nheads_k`` divides ``nheads`` (query
             head ``h`` reads K/V head ``h // (nheads // nheads_k)``). q, k, v may be any strided views with a unit
             last-dim stride (typically slices of one fused qkv projection).
@@ -197,21 +164,17 @@ def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
         None for an output not requested. Outputs are ``(batch, seqlen, nheads, head_dim)`` contiguous in q's dtype
         (fp32 accumulation); LSEs are ``(batch, nheads, seqlen)`` float32 (float64 for float64 inputs) and carry no
         gradient. Both outputs are differentiable w.r.t. q, k, v with independent upstream gradients; double
-        backward (``create_graph=True``) works on every face (the fast faces' backward then runs the reference's
-        maths).
+        backward (``create_graph=True``) works on every backend (the fast backends' backward then runs the
+        reference's maths).
 
     Non-finite inputs follow plain attention (SDPA): NaN in q or a visible key makes the row NaN, NaN/Inf in a
     visible value reaches that output dimension, a future key/value never reaches a causal row, a row whose visible
-    scores are all ``-inf`` is zeros with LSE ``-inf`` (the Triton face does not yet follow these last two: issue
-    17). ``softmax_scale`` must be finite. Empty inputs give empty
-    outputs and zero gradients.
+    scores are all ``-inf`` is zeros with LSE ``-inf`` (the Triton backend does not yet follow these last two: a
+    known gap in the README). ``softmax_scale`` must be finite. Empty inputs give empty outputs and zero gradients.
     """
     _check_inputs(q, k, v, softmax_scale, outputs)
     scale = 1.0 / math.sqrt(max(1, q.shape[-1])) if softmax_scale is None else float(softmax_scale)
-    face = _backend.select_face(OP, q.device, backend)
-    if face != "reference":
-        _checks.check_face_dtype("dual_attention", face, q.dtype, fp64_faces=("reference",))
-    face = _checks.face_for(face, q, k, v)  # empty: empty outputs, zero gradients, exact LSEs
+    face = OP.select(q.device, backend, q.dtype, q, k, v)  # empty: empty outputs, zero gradients, exact LSEs
     if face == "reference":
         out_c, out_b, lse_c, lse_b = _reference.dual_attention(q, k, v, scale, outputs)
         if lse_c is not None:
@@ -220,8 +183,7 @@ def dual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax
             lse_b = lse_b.detach()
     else:
         want_c, want_b = outputs != "bidirectional", outputs != "causal"
-        out_c, out_b, lse_c, lse_b = getattr(torch.ops.mirai, f"dual_attention_fwd_{face}")(
-            q, k, v, scale, want_c, want_b, bidirectional_grad)
+        out_c, out_b, lse_c, lse_b = OP.op(face, "fwd")(q, k, v, scale, want_c, want_b, bidirectional_grad)
         if not want_c:
             out_c = lse_c = None
         if not want_b:

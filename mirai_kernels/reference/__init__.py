@@ -1,1 +1,1 @@
-"""Plain-PyTorch references: the specification every fast face is tested against."""
+"""Plain-PyTorch references: the specification every fast backend is tested against."""

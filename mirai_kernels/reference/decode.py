@@ -1,6 +1,6 @@
-"""KV-cache decode attention in plain PyTorch: the specification the other faces are held to.
+"""KV-cache decode attention in plain PyTorch: the specification the other backends are held to.
 
-Semantics (every face follows them exactly):
+Semantics (every backend follows them exactly):
 
 * ``q`` (B, S_q, H, D); caches (B, S_max, H_kv, D) BSHD; ``H % H_kv == 0`` (query head ``h`` reads kv head
   ``h // (H // H_kv)``, grouped-query attention as FlashAttention);

@@ -1,4 +1,4 @@
-"""Dual (causal + bidirectional) attention in plain PyTorch: the specification the fast faces are held to.
+"""Dual (causal + bidirectional) attention in plain PyTorch: the specification the fast backends are held to.
 
 For queries ``q`` and keys/values ``k, v`` in ``(batch, seqlen, nheads, head_dim)`` layout and scores
 ``s_ij = softmax_scale * q_i . k_j``:
@@ -6,8 +6,8 @@ For queries ``q`` and keys/values ``k, v`` in ``(batch, seqlen, nheads, head_dim
 * the causal output row ``i`` is ``softmax_{j <= i}(s_ij) @ v`` with log-sum-exp ``lse_c[i] = logsumexp_{j <= i} s_ij``;
 * the bidirectional output row ``i`` is ``softmax_{all j}(s_ij) @ v`` with ``lse_b[i] = logsumexp_j s_ij``.
 
-This is simply two ordinary attentions; the fast faces get both from one pass over the keys (MIRAI_SPEC.md, "The
-shared bidirectional pass"). Grouped K/V (``nheads_k`` dividing ``nheads``) maps query head ``h`` to K/V head
+This is simply two ordinary attentions; the fast backends get both from one pass over the keys (docs/method.md,
+"The shared bidirectional pass"). Grouped K/V (``nheads_k`` dividing ``nheads``) maps query head ``h`` to K/V head
 ``h // (nheads // nheads_k)``, as FlashAttention does. Gradients come from PyTorch autograd.
 """
 

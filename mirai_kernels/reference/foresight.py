@@ -1,13 +1,13 @@
 """Reference of the Mirai foresight loss: offset parsing, the pairing rule and the shifted cosine loss.
 
-The pairing (MIRAI_SPEC.md, "Foresight loss") on a sequence of length N = prefix + H*W - 1 (LlamaGen training):
+The pairing (docs/method.md, "Foresight loss") on a sequence of length N = prefix + H*W - 1 (LlamaGen training):
 position ``p >= prefix`` holds the state that consumed grid cell ``p - prefix`` (raster order); for foresight head k
 with raster offset ``o_k`` it pairs with target position ``p + o_k``, dropped when that is ``>= N``. With
 ``boundary="grid"`` a pair is also dropped when the offset's column step leaves the row (cell column + dx >= W);
 ``boundary="raster"`` is the paper-exact flat offset that wraps to the next row. Prefix positions (the class token)
 pair with themselves in every head when ``align_prefix`` (the paper code), and are dropped otherwise (Mirai-I).
 
-Cosine convention (shared by every face): ``cos(s, t) = <s, t> / (max(|s|, EPS) * max(|t|, EPS))`` with
+Cosine convention (shared by every backend): ``cos(s, t) = <s, t> / (max(|s|, EPS) * max(|t|, EPS))`` with
 ``EPS = 1e-4``, as ``F.normalize`` with that eps. A zero vector has cosine 0 and a finite gradient: every
 gradient of a cosine is at most ``1 / EPS = 1e4`` per unit of upstream gradient, which fp16 holds (the paper's
 ``F.normalize`` default, 1e-12, would overflow fp16 on a zero projection). Real projections and targets have norms
@@ -20,8 +20,13 @@ from typing import Sequence
 
 import torch
 
-EPS = 1e-4
+EPS = 1e-4  # the one definition; the Triton backend imports it, csrc/foresight.cpp's kEps states it again (C++)
 BOUNDARIES = ("raster", "grid")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the cosines and losses are computed in: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def normalize_grid(grid) -> tuple[int, int]:
@@ -131,15 +136,15 @@ def grid_to_sequence(features: torch.Tensor, prefix: int = 1) -> torch.Tensor:
 
 def pairwise_cosine(proj: torch.Tensor, targets: torch.Tensor, tpos: torch.Tensor) -> torch.Tensor:
     """``cos[b, p, k] = cos(proj[b, p, k], targets[b, tpos[p, k]])``, 0 where ``tpos`` is -1. fp32 (fp64 for fp64
-    inputs), ``(B, N, K)``. This is what the ``foresight_cos`` faces compute."""
-    acc = torch.float64 if proj.dtype == torch.float64 else torch.float32
+    inputs), ``(B, N, K)``. This is what the ``foresight_cos`` backends compute."""
+    acc = acc_dtype(proj.dtype)
     s = proj.to(acc)
     t = targets.to(acc).detach()
     valid = tpos >= 0
     idx = tpos.clamp(min=0).long()  # (N, K)
     t_paired = t[:, idx]  # (B, N, K, Z)
     # Unpaired (position, head) entries are zeroed before the maths, so whatever they hold (NaN, Inf) reaches
-    # neither the loss nor the gradient (0 * NaN would), as in the fast faces, which never read them.
+    # neither the loss nor the gradient (0 * NaN would), as in the fast backends, which never read them.
     zero = torch.zeros((), dtype=acc, device=s.device)
     valid_rows = valid.to(s.device)[None, :, :, None]
     s = torch.where(valid_rows, s, zero)
@@ -161,11 +166,25 @@ def reduce_heads(cos: torch.Tensor, tpos: torch.Tensor, head_weights=None):
     batch = cos.shape[0]
     counts = (pair_counts(tpos) * batch).clamp(min=1).to(cos.dtype)
     per_head = -cos.sum(dim=(0, 1)) / counts
+    return weighted_total(per_head, head_weights), per_head
+
+
+def weighted_total(per_head: torch.Tensor, head_weights=None) -> torch.Tensor:
+    """``sum_k head_weights[k] * per_head[k]`` (weights 1 by default)."""
     if head_weights is None:
-        total = per_head.sum()
-    else:
-        total = (torch.as_tensor(head_weights, dtype=per_head.dtype, device=per_head.device) * per_head).sum()
-    return total, per_head
+        return per_head.sum()
+    return (torch.as_tensor(head_weights, dtype=per_head.dtype, device=per_head.device) * per_head).sum()
+
+
+def linear_projection(x: torch.Tensor, weight: torch.Tensor, bias, input_activation=None) -> torch.Tensor:
+    """``proj[b, n, k] = weight[k] @ act(x[b, n, k]) + bias[k]`` (act: identity or SiLU), in at least fp32: the
+    heads' last Linear that :func:`mirai_kernels.fused_linear_cosine_loss` fuses with the loss."""
+    acc = acc_dtype(x.dtype)
+    xa = torch.nn.functional.silu(x.to(acc)) if input_activation == "silu" else x.to(acc)
+    proj = torch.einsum("bnkh,kzh->bnkz", xa, weight.to(acc))
+    if bias is not None:
+        proj = proj + bias.to(acc)
+    return proj
 
 
 def foresight_cosine_loss(proj, targets, offsets, *, grid, prefix=1, boundary="raster", align_prefix=True,
@@ -178,12 +197,8 @@ def foresight_cosine_loss(proj, targets, offsets, *, grid, prefix=1, boundary="r
 def fused_linear_cosine_loss(x, weight, bias, targets, offsets, *, grid, prefix=1, boundary="raster",
                              align_prefix=True, head_weights=None, input_activation=None):
     """Reference of :func:`mirai_kernels.fused_linear_cosine_loss`: ``proj[b,n,k] = weight[k] @ act(x[b,n,k]) +
-    bias[k]`` (act: identity or SiLU), then the loss above. The projection is computed in at least fp32."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xa = torch.nn.functional.silu(x.to(acc)) if input_activation == "silu" else x.to(acc)
-    proj = torch.einsum("bnkh,kzh->bnkz", xa, weight.to(acc))
-    if bias is not None:
-        proj = proj + bias.to(acc)
+    bias[k]`` (act: identity or SiLU, :func:`linear_projection`), then the loss above."""
+    proj = linear_projection(x, weight, bias, input_activation)
     return foresight_cosine_loss(proj, targets, offsets, grid=grid, prefix=prefix, boundary=boundary,
                                  align_prefix=align_prefix, head_weights=head_weights)
 

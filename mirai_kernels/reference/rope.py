@@ -1,4 +1,4 @@
-"""LlamaGen's 2D rotary position embedding, in plain PyTorch: the specification the other faces are held to.
+"""LlamaGen's 2D rotary position embedding, in plain PyTorch: the specification the other backends are held to.
 
 Convention (LlamaGen ``precompute_freqs_cis_2d`` / ``apply_rotary_emb``):
 

@@ -1,4 +1,4 @@
-"""Triton face of KV-cache decode attention (flash-decoding): prep, split-KV attention, combine.
+"""Triton backend of KV-cache decode attention (flash-decoding): prep, split-KV attention, combine.
 
 Three launches per call, all with static grids (shapes only, never ``cache_seqlens`` values), so a step is
 CUDA-graph capturable:
@@ -22,8 +22,7 @@ import triton.language as tl
 
 from ..backend import triton_interpreted
 from ._compat import loop_bound
-
-_LOG2E = 1.4426950408889634
+from ._softmax import LOG2E as _LOG2E
 
 
 @triton.jit

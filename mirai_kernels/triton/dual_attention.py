@@ -1,10 +1,10 @@
-"""Triton face of dual (causal + bidirectional) attention: forward, and a backward of a row-wise preprocess kernel
+"""Triton backend of dual (causal + bidirectional) attention: forward, and a backward of a row-wise preprocess kernel
 and a dK/dV kernel that also accumulates dQ atomically (a separate dQ kernel under deterministic algorithms).
 
 Forward: one program per (query block, batch x head). Keys split into three regions for the block
 ``[m0, m0 + BLOCK_M)``: ``[0, m0)`` feeds only the causal accumulator, the diagonal blocks ``[m0, m0 + BLOCK_M)``
 feed both (split per element by ``j <= i``), ``[m0 + BLOCK_M, S)`` only the second ("U") accumulator. The
-bidirectional row is the log-sum-exp merge of the two (MIRAI_SPEC.md, "The shared bidirectional pass"). Ragged
+bidirectional row is the log-sum-exp merge of the two (docs/method.md, "The shared bidirectional pass"). Ragged
 tails (any S) are masked, so S need not be a multiple of a block.
 
 Backward: each query row carries one (lse, dO, D) triple for its causal keys and one for its future keys; the
@@ -26,8 +26,46 @@ import triton.language as tl
 
 from ..backend import triton_interpreted
 from ._compat import loop_bound
+from ._softmax import LN2_, LOG2E, LOG2E_
+from ._softmax import softmax_update as _softmax_update
 
-LOG2E = 1.4426950408889634
+# LOG2E: scores are kept in base 2 (exp2), the softmax scale times LOG2E folded in; LN2 turns back (LSEs, dQ, dK).
+_LOG2E, _LN2 = LOG2E_, LN2_
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared pieces of the backward kernels (the forward's online softmax is _softmax.softmax_update)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_tile_kq(st, v, do, lse, delta, visible, dv, PREC: tl.constexpr):
+    """One (keys, queries) tile of the attention backward, from the base-2 scores ``st = K Q^T``: the
+    probabilities ``P^T = exp2(st - lse)`` where ``visible`` (0 elsewhere), ``dS^T = P^T (V dO^T - delta)``
+    returned, and ``dV += P^T dO``."""
+    pt = tl.math.exp2(tl.where(visible, st - lse[None, :], float("-inf")))
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dst = pt * (dpt - delta[None, :])
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)  # after dS, as the kernels always ordered it
+    return dst, dv
+
+
+@triton.jit
+def _bwd_tile_qk(s, v, do, lse, delta, visible, PREC: tl.constexpr):
+    """The same tile the other way round, from ``s = Q K^T``: ``dS = P (dO V^T - delta)``."""
+    p = tl.math.exp2(tl.where(visible, s - lse[:, None], float("-inf")))
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
+def _atomic_add_dq(dq_acc_ptr, dst, k, grad_scale, row0, offs_m, nheads, h, offs_d, mask, HEAD_DIM: tl.constexpr,
+                   PREC: tl.constexpr):
+    """Add this key block's share ``dS K * grad_scale`` of dQ into the fp32 (B, S, H, D) buffer (``row0`` =
+    b * seqlen, int64)."""
+    dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC) * grad_scale
+    dq_rows = ((row0 + offs_m) * nheads + h) * HEAD_DIM
+    tl.atomic_add(dq_acc_ptr + dq_rows[:, None] + offs_d[None, :], dq_part, mask=mask)
 
 
 @triton.jit
@@ -71,12 +109,7 @@ def _fwd_kernel(
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        m_new = tl.maximum(m_c, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        corr = tl.math.exp2(m_c - m_new)
-        l_c = l_c * corr + tl.sum(p, 1)
-        acc_c = acc_c * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_c = m_new
+        m_c, l_c, acc_c = _softmax_update(m_c, l_c, acc_c, s, v, False, PREC)
 
     # Diagonal: keys [m0, m0 + BLOCK_M), split by j <= i.
     for n0 in range(loop_bound(m0), loop_bound(m0 + BLOCK_M), BLOCK_N):
@@ -86,23 +119,11 @@ def _fwd_kernel(
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         past = (cols[None, :] <= offs_m[:, None]) & n_ok[None, :]
-        s_c = tl.where(past, s, float("-inf"))
-        m_new = tl.maximum(m_c, tl.max(s_c, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no causal key yet (only padding rows)
-        p = tl.math.exp2(s_c - m_safe[:, None])
-        corr = tl.math.exp2(m_c - m_safe)
-        l_c = l_c * corr + tl.sum(p, 1)
-        acc_c = acc_c * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_c = m_new
+        # Empty rows: padding rows have no causal key yet, and a row may have no future key in this block.
+        m_c, l_c, acc_c = _softmax_update(m_c, l_c, acc_c, tl.where(past, s, float("-inf")), v, True, PREC)
         if BIDIR:
             s_u = tl.where((cols[None, :] > offs_m[:, None]) & n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_u, tl.max(s_u, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no future key in this block
-            p = tl.math.exp2(s_u - m_safe[:, None])
-            corr = tl.math.exp2(m_u - m_safe)
-            l_u = l_u * corr + tl.sum(p, 1)
-            acc_u = acc_u * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_u = m_new
+            m_u, l_u, acc_u = _softmax_update(m_u, l_u, acc_u, s_u, v, True, PREC)
 
     # Region U: keys [m0 + BLOCK_M, S), in every row's future.
     if BIDIR:
@@ -114,13 +135,8 @@ def _fwd_kernel(
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                         other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_u, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            corr = tl.math.exp2(m_u - m_new)
-            l_u = l_u * corr + tl.sum(p, 1)
-            acc_u = acc_u * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_u = m_new
+            m_u, l_u, acc_u = _softmax_update(m_u, l_u, acc_u, tl.where(n_ok[None, :], s, float("-inf")), v, False,
+                                              PREC)
 
     l_c = tl.where(m_ok, l_c, 1.0)
     o_base = b.to(tl.int64) * stride_ob + h * stride_oh
@@ -129,7 +145,7 @@ def _fwd_kernel(
     lse_offs = bh.to(tl.int64) * seqlen + offs_m
     if CAUSAL:
         tl.store(oc_ptr + o_base + o_offs, (acc_c / l_c[:, None]).to(oc_ptr.dtype.element_ty), mask=o_mask)
-        tl.store(lsec_ptr + lse_offs, (m_c + tl.math.log2(l_c)) * 0.6931471805599453, mask=m_ok)
+        tl.store(lsec_ptr + lse_offs, (m_c + tl.math.log2(l_c)) * _LN2, mask=m_ok)
     if BIDIR:
         mx = tl.maximum(m_c, m_u)
         w_c = tl.math.exp2(m_c - mx)
@@ -137,7 +153,7 @@ def _fwd_kernel(
         denom = l_c * w_c + l_u * w_u
         out = (acc_c * w_c[:, None] + acc_u * w_u[:, None]) / denom[:, None]
         tl.store(ob_ptr + o_base + o_offs, out.to(ob_ptr.dtype.element_ty), mask=o_mask)
-        tl.store(lseb_ptr + lse_offs, (mx + tl.math.log2(denom)) * 0.6931471805599453, mask=m_ok)
+        tl.store(lseb_ptr + lse_offs, (mx + tl.math.log2(denom)) * _LN2, mask=m_ok)
 
 
 @triton.jit
@@ -190,25 +206,19 @@ def _bwd_dkdv_kernel(
             d_c = tl.load(dc_ptr + row_base + offs_m, mask=m_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # (keys, queries)
             past = (offs_n[:, None] <= offs_m[None, :]) & m_ok[None, :] & n_ok[:, None]
-            pt = tl.math.exp2(tl.where(past, st - lse_c[None, :], float("-inf")))
-            dpt = tl.dot(v, tl.trans(do_c), input_precision=PREC)
-            dst = pt * (dpt - d_c[None, :])
-            dv += tl.dot(pt.to(do_c.dtype), do_c, input_precision=PREC)
+            dst, dv = _bwd_tile_kq(st, v, do_c, lse_c, d_c, past, dv, PREC)
             if HAS_U:
                 if m0 == n0:
                     do_u = tl.load(dou_base + offs_m[:, None] * stride_us + offs_d[None, :], mask=q_mask, other=0.0)
                     lse_u = tl.load(lseu_ptr + row_base + offs_m, mask=m_ok, other=0.0)
                     d_u = tl.load(du_ptr + row_base + offs_m, mask=m_ok, other=0.0)
                     future = (offs_n[:, None] > offs_m[None, :]) & m_ok[None, :] & n_ok[:, None]
-                    pt_u = tl.math.exp2(tl.where(future, st - lse_u[None, :], float("-inf")))
-                    dpt_u = tl.dot(v, tl.trans(do_u), input_precision=PREC)
-                    dst += pt_u * (dpt_u - d_u[None, :])
-                    dv += tl.dot(pt_u.to(do_u.dtype), do_u, input_precision=PREC)
+                    dst_u, dv = _bwd_tile_kq(st, v, do_u, lse_u, d_u, future, dv, PREC)
+                    dst += dst_u
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
             if ATOMIC_DQ:
-                dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC) * (qk_scale * 0.6931471805599453)
-                dq_rows = ((b.to(tl.int64) * seqlen + offs_m) * nheads + h) * HEAD_DIM
-                tl.atomic_add(dq_acc_ptr + dq_rows[:, None] + offs_d[None, :], dq_part, mask=q_mask)
+                _atomic_add_dq(dq_acc_ptr, dst, k, qk_scale * _LN2, b.to(tl.int64) * seqlen, offs_m, nheads, h,
+                               offs_d, q_mask, HEAD_DIM, PREC)
         if HAS_U:
             # Query blocks before the key block: these keys are in their future.
             for m0 in range(0, loop_bound(n0), BLOCK):
@@ -218,18 +228,13 @@ def _bwd_dkdv_kernel(
                 lse_u = tl.load(lseu_ptr + row_base + offs_m)
                 d_u = tl.load(du_ptr + row_base + offs_m)
                 st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-                pt = tl.math.exp2(tl.where(n_ok[:, None], st - lse_u[None, :], float("-inf")))
-                dpt = tl.dot(v, tl.trans(do_u), input_precision=PREC)
-                dst = pt * (dpt - d_u[None, :])
-                dv += tl.dot(pt.to(do_u.dtype), do_u, input_precision=PREC)
+                dst, dv = _bwd_tile_kq(st, v, do_u, lse_u, d_u, n_ok[:, None], dv, PREC)
                 dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
                 if ATOMIC_DQ:
-                    dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PREC) * (
-                        qk_scale * 0.6931471805599453)
-                    dq_rows = ((b.to(tl.int64) * seqlen + offs_m) * nheads + h) * HEAD_DIM
-                    tl.atomic_add(dq_acc_ptr + dq_rows[:, None] + offs_d[None, :], dq_part, mask=d_ok[None, :])
+                    _atomic_add_dq(dq_acc_ptr, dst, k, qk_scale * _LN2, b.to(tl.int64) * seqlen, offs_m, nheads, h,
+                                   offs_d, d_ok[None, :], HEAD_DIM, PREC)
     # dS above is w.r.t. base-2 scores scaled by qk_scale = scale * log2(e); d(score)/dk = scale * q.
-    dk = dk * (qk_scale * 0.6931471805599453)
+    dk = dk * (qk_scale * _LN2)
     out_offs = b.to(tl.int64) * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
     tl.store(dk_ptr + out_offs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptr + out_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
@@ -283,15 +288,11 @@ def _bwd_dq_kernel(
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         past = (cols[None, :] <= offs_m[:, None]) & n_ok[None, :] & m_ok[:, None]
-        p = tl.math.exp2(tl.where(past, s - lse_c[:, None], float("-inf")))
-        dp = tl.dot(do_c, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - d_c[:, None])
+        ds = _bwd_tile_qk(s, v, do_c, lse_c, d_c, past, PREC)
         if HAS_U:
             if n0 == m0:
                 future = (cols[None, :] > offs_m[:, None]) & n_ok[None, :] & m_ok[:, None]
-                p_u = tl.math.exp2(tl.where(future, s - lse_u[:, None], float("-inf")))
-                dp_u = tl.dot(do_u, tl.trans(v), input_precision=PREC)
-                ds += p_u * (dp_u - d_u[:, None])
+                ds += _bwd_tile_qk(s, v, do_u, lse_u, d_u, future, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     if HAS_U:
         for n0 in range(loop_bound(m0 + BLOCK), loop_bound(seqlen), BLOCK):
@@ -301,11 +302,9 @@ def _bwd_dq_kernel(
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-            p = tl.math.exp2(tl.where(n_ok[None, :] & m_ok[:, None], s - lse_u[:, None], float("-inf")))
-            dp = tl.dot(do_u, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - d_u[:, None])
+            ds = _bwd_tile_qk(s, v, do_u, lse_u, d_u, n_ok[None, :] & m_ok[:, None], PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    dq = dq * (qk_scale * 0.6931471805599453)
+    dq = dq * (qk_scale * _LN2)
     tl.store(dq_ptr + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
              dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -345,7 +344,7 @@ def _bwd_preprocess_kernel(
         lse_b = tl.load(lseb_ptr + rows, mask=r_ok, other=0.0)
         d_b = tl.sum(do_b * o_b, 1)
         tl.store(du_ptr + rows, d_b, mask=r_ok)
-        tl.store(lseu2_ptr + rows, lse_b * 1.4426950408889634, mask=r_ok)
+        tl.store(lseu2_ptr + rows, lse_b * _LOG2E, mask=r_ok)
     if HAS_C and HAS_B:
         alpha = tl.exp(lse_c - lse_b)
         exact = do_c + alpha[:, None] * do_b
@@ -355,10 +354,10 @@ def _bwd_preprocess_kernel(
         d_c = d_c + alpha * d_b + tl.sum((rounded.to(tl.float32) - exact) * o_c, 1)
     if HAS_C:
         tl.store(dc_ptr + rows, d_c, mask=r_ok)
-        tl.store(lsec2_ptr + rows, lse_c * 1.4426950408889634, mask=r_ok)
+        tl.store(lsec2_ptr + rows, lse_c * _LOG2E, mask=r_ok)
     else:
         tl.store(dc_ptr + rows, d_b, mask=r_ok)
-        tl.store(lsec2_ptr + rows, lse_b * 1.4426950408889634, mask=r_ok)
+        tl.store(lsec2_ptr + rows, lse_b * _LOG2E, mask=r_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Triton face of the shifted foresight cosine (see ``mirai_kernels/reference/foresight.py``).
+"""Triton backend of the shifted foresight cosine (see ``mirai_kernels/reference/foresight.py``).
 
 One program handles ``BLOCK_R`` (batch, position) rows of one foresight head: it gathers each row's paired target
 through the int32 ``tpos`` table (so no shifted or concatenated copy of the targets is ever made), and streams
@@ -14,9 +14,8 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreted
+from ..reference.foresight import EPS, acc_dtype
 from ._compat import loop_bound
-
-EPS = 1e-4  # must equal mirai_kernels.reference.foresight.EPS
 
 
 @triton.jit
@@ -189,6 +188,77 @@ def foresight_cos_bwd(grad_cos: torch.Tensor, proj: torch.Tensor, targets: torch
         num_warps=4,
     )
     return grad
+
+
+def chunk_batches(batch: int, seqlen: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """``[(b0, b1), ...]``: batches of whole sequences (a pair never leaves its sample) of at most ``chunk_rows``
+    rows (batch * positions), at least one sequence each."""
+    step = max(1, chunk_rows // max(1, seqlen))
+    return [(b0, min(batch, b0 + step)) for b0 in range(0, batch, step)]
+
+
+def fused_linear_cos(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                     tpos: torch.Tensor, compute_grad: bool, silu_input: bool, chunk_rows: int,
+                     grad_scale: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton backend of ``fused_linear_cosine_loss`` (contract: :mod:`mirai_kernels.ops.foresight`). The same
+    algorithm as ``fused_linear_cos_cpu`` in csrc/foresight.cpp: per foresight head and chunk of whole sequences,
+    the projection by the vendor GEMM, the cosines (and their gradient) by the kernels above, the input and weight
+    gradients by GEMMs whose alpha applies ``grad_scale[k]``."""
+    batch, seqlen, n_heads, hidden = x.shape
+    z_dim = weight.shape[1]
+    acc = acc_dtype(x.dtype)
+    per_head = torch.zeros(n_heads, dtype=acc, device=x.device)
+    chunks = chunk_batches(batch, seqlen, chunk_rows)
+    # The weight gradient is kept until backward in x's dtype (as an eager bf16 Linear makes it); across several
+    # chunks it is accumulated in fp32 first.
+    gw_dtype = x.dtype if len(chunks) == 1 else acc
+    if compute_grad:
+        # (K, B, N, H) buffer: each head's chunk is contiguous, so the GEMMs write into it directly.
+        gx_heads = torch.empty((n_heads, batch, seqlen, hidden), dtype=x.dtype, device=x.device)
+        gx = gx_heads.permute(1, 2, 0, 3)
+        gw = torch.empty((n_heads, z_dim, hidden), dtype=gw_dtype, device=x.device)  # the first chunk's GEMM writes it
+        gb = torch.zeros((n_heads, z_dim), dtype=acc, device=x.device)
+    else:
+        gx, gw, gb = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if batch * seqlen * n_heads == 0:
+        if compute_grad:  # no row: the GEMMs that would write gx and gw never run; the gradients are zeros
+            gx.zero_()
+            gw.zero_()
+        return per_head, gx, gw.to(x.dtype), gb.to(x.dtype)
+    counts = (tpos >= 0).sum(0).to(acc) * batch
+    for k in range(n_heads):
+        tk = tpos[:, k:k + 1].contiguous()
+        wk = weight[k]
+        for b0, b1 in chunks:
+            bc = b1 - b0
+            xin = x[b0:b1, :, k].reshape(bc * seqlen, hidden)
+            xk = torch.nn.functional.silu(xin) if silu_input else xin
+            p = torch.addmm(bias[k], xk, wk.t()) if bias is not None else xk @ wk.t()
+            p = p.view(bc, seqlen, 1, z_dim)
+            tch = targets[b0:b1]
+            if not compute_grad:
+                per_head[k] -= foresight_cos_fwd(p, tch, tk).sum()
+            else:
+                c = torch.empty((bc, seqlen, 1), dtype=torch.float32, device=x.device)
+                dp = foresight_cos_bwd(torch.full_like(c, -1.0), p, tch, tk, cos_out=c)
+                dp = dp.view(bc * seqlen, z_dim)
+                per_head[k] -= c.sum()
+                # The GEMMs' alpha applies grad_scale[k] for free (beta = 0: the uninitialised output is not read).
+                sk = grad_scale[k]
+                out = gx_heads[k, b0:b1].view(bc * seqlen, hidden)
+                if silu_input:
+                    torch.ops.aten.silu_backward.grad_input((dp @ wk).mul_(sk), xin, grad_input=out)
+                else:
+                    out.addmm_(dp, wk, beta=0, alpha=sk)
+                if gw.dtype == x.dtype:
+                    gw[k].addmm_(dp.t(), xk, beta=0 if b0 == 0 else 1, alpha=sk)
+                elif b0 == 0:
+                    gw[k].copy_((dp.t() @ xk).mul_(sk))
+                else:
+                    gw[k].add_((dp.t() @ xk).to(acc), alpha=sk)
+                gb[k].add_(dp.sum(0, dtype=acc), alpha=sk)
+    per_head /= counts.clamp(min=1)
+    return per_head, gx, gw.to(x.dtype), gb.to(x.dtype)
 
 
 def aot_specs() -> list[dict]:

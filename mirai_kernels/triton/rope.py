@@ -1,4 +1,4 @@
-"""Triton face of the 2D RoPE: one program rotates a block of tokens of one head.
+"""Triton backend of the 2D RoPE: one program rotates a block of tokens of one head.
 
 Each program loads the even and odd halves of every pair of a ``(BLOCK_T tokens, BLOCK_P pairs)`` tile with two
 stride-2 loads (the other half of each 32-byte sector is then in L1, so this costs no extra DRAM traffic), gathers
