@@ -156,7 +156,8 @@ def _fused_autograd(ops):
         # The saved gradients already carry grad_scale[k] = expected upstream / (B * pairs); rescale by
         # real / expected. When they agree (total.backward() with the head_weights given: the usual case) and the
         # check costs no GPU sync, the saved gradients are returned as they are.
-        expected = torch.tensor(ctx.grad_scale, dtype=torch.float64) * counts.cpu().double()
+        # Built on counts' device: a .cpu() here would make every backward wait for the GPU.
+        expected = torch.tensor(ctx.grad_scale, dtype=torch.float64, device=counts.device) * counts.double()
         scale = grad_per_head / expected.to(device=grad_per_head.device, dtype=grad_per_head.dtype)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         if _eager_cpu(grad_per_head) and bool((scale == 1).all()):
