@@ -25,9 +25,10 @@ COMMON = ["--model", "micro", "--grid", "4", "--data-size", "48", "--batch-size"
 DEAD_PID = 4194305  # above Linux's largest pid_max: no live process has it
 
 
-def torchrun(out, steps, *extra, nproc=2, port="29541"):
+def torchrun(out, steps, *extra, nproc=2):
+    # --standalone: a free rendezvous port per run, so a concurrent run elsewhere on the machine cannot collide
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                             "--master_port", port, "-m", "models.train", "--out", str(out), *COMMON, "--steps",
+                             "--standalone", "-m", "models.train", "--out", str(out), *COMMON, "--steps",
                              str(steps), *extra], env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -89,7 +90,7 @@ def test_fsdp_checkpoint_loads_on_another_world_size(runs):
     a step in between holds exactly the same tensors; the dropout streams cannot carry over, which is said."""
     out = runs / "at2-on-3"
     shutil.copytree(runs / "at2", out)
-    result = torchrun(out, 2, "--resume", nproc=3, port="29542")
+    result = torchrun(out, 2, "--resume", nproc=3)
     assert "written by 2 process(es), this run has 3" in result.stderr
     assert_same_tensors(ckpt_mod.read_sharded(str(runs / "at2" / "last.dcp")),
                         ckpt_mod.read_sharded(str(out / "last.dcp")))
