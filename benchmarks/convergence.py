@@ -35,6 +35,7 @@ if ROOT not in sys.path:
 from common import environment  # noqa: E402
 from models import train as train_mod  # noqa: E402
 from models.evaluate import Scorer, class_labels, sample_tokens  # noqa: E402
+from models.nets.gpt import load_sampling_model  # noqa: E402
 
 OBJECTIVES = ("none", "mirai-e", "mirai-i", "mirai-s")
 
@@ -93,7 +94,7 @@ def run_one(args, objective: str, seed: int, scorer: Scorer, sched: dict) -> dic
         ])
         summary = train_mod.train(train_args)
         step_times.append(summary["step_s_median"])
-        model = train_mod.load_sampling_model(os.path.join(out, "model.pt"), args.device)
+        model = load_sampling_model(os.path.join(out, "model.pt"), args.device)
         labels = class_labels(args.n_eval, model.config.num_classes)
         tokens = sample_tokens(model, labels, seed=seed, cfg_scale=args.cfg)
         metrics = scorer.score(tokens.cpu(), labels, seed=seed)

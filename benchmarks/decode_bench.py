@@ -25,7 +25,7 @@ SDPA over the full static cache reads more than that, so its GB/s is an "effecti
 
 End to end (``--e2e``; on by default): sampling ``H*W`` tokens with CFG 2.0 from a LlamaGen GPT (``--e2e-model``,
 GPT-B on GPU, tiny on CPU; random weights, the output layer perturbed off zero) — our sampler
-(``models.generate.generate``: static KV cache, ``decode_attention``, the step CUDA-graph-captured on GPU) vs an
+(``models.sampling.generate.generate``: static KV cache, ``decode_attention``, the step CUDA-graph-captured on GPU) vs an
 eager LlamaGen-style loop (per-step Python, a KV cache grown with ``torch.cat``, SDPA, ``torch.multinomial``).
 The model is cast with ``model.to(dtype)`` (``--dtype``: fp16 by default on GPU, bf16 as LlamaGen's sampling
 script), which keeps the RoPE table fp32.
@@ -232,9 +232,9 @@ def eager_llamagen_generate(model, labels, cfg_scale, generator):
 
 
 def end_to_end(args, device, dtype):
-    from models.generate import generate
-    from models.gpt import build_gpt
-    from models.speculative import speculative_generate
+    from models.sampling.generate import generate
+    from models.nets.gpt import build_gpt
+    from models.sampling.speculative import speculative_generate
 
     on_gpu = device.type == "cuda"
     preset = args.e2e_model or ("B" if on_gpu else "tiny")

@@ -28,8 +28,7 @@ from common import add_common_args, environment, setup_from_args, write_json  # 
 
 
 def build_model(args, device):
-    from models.gpt import build_gpt
-    from models.train import load_sampling_model
+    from models.nets.gpt import build_gpt, load_sampling_model
 
     if args.ckpt:
         return load_sampling_model(args.ckpt, device)
@@ -127,8 +126,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = setup_from_args(args)
 
-    from models.generate import generate
-    from models.speculative import speculative_generate
+    from models.sampling.generate import generate
+    from models.sampling.speculative import speculative_generate
 
     model = build_model(args, device)
     config = model.config

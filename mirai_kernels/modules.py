@@ -465,7 +465,7 @@ class ForesightAttention(nn.Module):
             t2i padding masks) is honoured by a plain ``scaled_dot_product_attention`` instead. On GPU without
             debug checks the mask is taken to be causal (no host sync). Without a cache, a given ``mask``
             (boolean or additive) also goes to SDPA.
-        cache_seqlens: **our per-row protocol** (``models.gpt``, speculative decoding): int32 ``(batch,)`` cache
+        cache_seqlens: **our per-row protocol** (``models.nets.gpt``, speculative decoding): int32 ``(batch,)`` cache
             lengths before this call's tokens; ``kv_cache`` holds BSHD ``k``/``v`` buffers
             ``(max_batch, max_seqlen, n_kv_head, head_dim)``; the new keys/values are appended in place by the
             decode kernel (which also applies the RoPE). The caller advances ``cache_seqlens``.
@@ -550,7 +550,7 @@ class ForesightAttention(nn.Module):
         cache = self.kv_cache
         if cache is None or not hasattr(cache, "k"):
             raise RuntimeError("ForesightAttention: cache_seqlens needs a BSHD kv_cache with k/v buffers (see "
-                               "models.gpt.GPT.setup_caches); LlamaGen's cache object is driven by input_pos")
+                               "models.nets.gpt.GPT.setup_caches); LlamaGen's cache object is driven by input_pos")
         batch = x.shape[0]
         q, k, v = self._split_qkv(x)
         out = _decode_attention(q, cache.k[:batch], cache.v[:batch], k, v, cache_seqlens=cache_seqlens,

@@ -13,12 +13,14 @@ value that would do harm (a negative step count, a probability of 2, ...) is ref
 
 :class:`UsageError` is for a bad request found after parsing (e.g. ``--classes 12`` for a 10-class model);
 :func:`run_main` turns it, and checkpoint errors, into a one-line message and exit status 2 instead of a traceback.
+:func:`init_distributed` joins the ``torchrun`` process group (the multi-process commands share it).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 
@@ -140,3 +142,22 @@ def run_main(main, prog: str) -> None:
     except (UsageError, CheckpointError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def init_distributed(device_name: str):
+    """(rank, world_size, device). Under ``torchrun`` (WORLD_SIZE > 1) joins the process group: NCCL on GPUs,
+    gloo on CPUs. Shared by ``models.train`` and ``models.evaluate`` (sampling sharded over ranks)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device_name)
+    import torch.distributed as dist
+
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device

@@ -9,12 +9,12 @@ held-out reference split of the training data (same class balance: labels cycle 
 
 - ``fid``, ``kid_mean``/``kid_std`` (polynomial-kernel unbiased MMD over ``--kid-subsets`` subsets of
   min(1000, N/2) images), ``precision``/``recall``/``f_score`` (k-NN manifolds, k = 3, Kynkäänniemi et al. 2019)
-  on the 64-d penultimate features of the project's own classifier (:mod:`models.classifier`, registered with
+  on the 64-d penultimate features of the project's own classifier (:mod:`models.nets.classifier`, registered with
   torch-fidelity as a feature extractor, trained on first use and cached under ``--cache-dir``), and
   ``isc_mean``/``isc_std`` (Inception Score, at most the number of classes) on its logits. The reference
   features/statistics are cached by torch-fidelity (keyed by data, grid, seed, size and the classifier's hash).
 - ``structure``: the fraction of samples whose token grid obeys their class's rule
-  (:func:`models.data.satisfies_rule`; the data itself scores 1.0), also per class. Needs no network.
+  (:func:`models.data.shapes.satisfies_rule`; the data itself scores 1.0), also per class. Needs no network.
 - ``floor``: the same metrics for ``--n`` images of the *training* split against the same reference, i.e. what a
   perfect model (one that reproduces the data distribution) would score at this sample size: every FID has its
   floor beside it. Cached in ``--cache-dir``.
@@ -44,12 +44,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .classifier import builtin_classifier, file_digest, load_classifier, register_with_torch_fidelity
-from .cli import UsageError, device, int_at_least, positive_int, run_main, sampling_seed, train_seed
-from .data import CLASS_NAMES, build_dataset, satisfies_rule
-from .generate import generate
+from .nets.classifier import builtin_classifier, file_digest, load_classifier, register_with_torch_fidelity
+from .cli import UsageError, device, init_distributed, int_at_least, positive_int, run_main, sampling_seed, train_seed
+from .data.shapes import CLASS_NAMES, build_dataset, satisfies_rule
+from .sampling.generate import generate
 from .sample import add_model_source_args, add_sampling_args, check_sampling_request, load_model, sampling_kwargs
-from .tokenizer import PaletteTokenizer
+from .data.tokenizer import PaletteTokenizer
 
 
 def parse_args(argv=None):
@@ -108,7 +108,7 @@ def class_labels(n: int, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_tokens(model, labels: torch.Tensor, *, batch_size: int = 250, seed: int = 0, **sampling) -> torch.Tensor:
-    """``(N, H*W)`` int64 tokens for ``labels`` (N,), sampled in batches through :func:`models.generate.generate`
+    """``(N, H*W)`` int64 tokens for ``labels`` (N,), sampled in batches through :func:`models.sampling.generate.generate`
     (``sampling``: cfg_scale, temperature, top_k, top_p); reproducible from ``seed``."""
     device = model.output.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -122,7 +122,7 @@ def tokens_to_images(tokens: torch.Tensor, grid) -> torch.Tensor:
 
 
 def structure_metric(tokens: torch.Tensor, labels: torch.Tensor, grid) -> dict:
-    """Fraction of token grids that obey their class's rule (:func:`models.data.satisfies_rule`), overall and per
+    """Fraction of token grids that obey their class's rule (:func:`models.data.shapes.satisfies_rule`), overall and per
     class name."""
     height, width = (grid, grid) if isinstance(grid, int) else tuple(grid)
     ok = torch.tensor([satisfies_rule(t.view(height, width), int(l)) for t, l in zip(tokens, labels)])
@@ -271,8 +271,6 @@ def interleave(shards, n: int) -> torch.Tensor:
 
 def evaluate(args) -> dict:
     """Sample, score, write the JSON and the ``.npz``; returns the JSON's dict."""
-    from .train import init_distributed
-
     if args.n < 2:
         raise ValueError("--n must be at least 2")
     if args.ref_npz and not args.inception_weights:
@@ -306,7 +304,7 @@ def evaluate(args) -> dict:
               "data_seed": args.data_seed, "grid": list(grid), "sampling": {**sampling, "seed": args.seed},
               "world_size": world, "sample_s": round(sample_s, 2)}
     if args.vq_ckpt:
-        from .vq import VQTokenizer
+        from .nets.vq import VQTokenizer
 
         vq = VQTokenizer.from_checkpoint(args.vq_ckpt)
         with torch.no_grad():
@@ -323,7 +321,7 @@ def evaluate(args) -> dict:
         t1 = time.perf_counter()
         result["metrics"] = scorer.score(tokens, labels)
         result["metrics_s"] = round(time.perf_counter() - t1, 2)
-        result["feature_extractor"] = {"name": "project classifier (models.classifier)",
+        result["feature_extractor"] = {"name": "project classifier (models.nets.classifier)",
                                        "path": os.path.abspath(scorer.classifier), "digest": scorer.digest}
         if not args.no_floor:
             result["floor"] = scorer.floor(args.n)

@@ -1,11 +1,11 @@
 """Offline Mirai-I feature cache for LlamaGen code files: the frozen encoder's patch features of every crop.
 
 LlamaGen's ``extract_codes_c2i.py`` stores, for image ``i`` of its dataset, the VQ codes of ``A`` augmentations
-of that image (:mod:`models.codes`): with ``--ten-crop`` the ten crops (``TenCrop(image_size)``: corners tl, tr,
+of that image (:mod:`models.data.codes`): with ``--ten-crop`` the ten crops (``TenCrop(image_size)``: corners tl, tr,
 bl, br, centre, then the same five of the horizontally flipped image) of a ``int(image_size * crop_range)`` px ADM
 centre crop; without it the ``image_size`` px ADM centre crop and its horizontal flip. Code files hold no pixels,
 so this CLI recomputes the same crops from the images, runs the encoder on each and writes
-``<out>/{i}.npy`` float16 ``(A, H*W, Z)`` in the same crop order (the layout :class:`models.codes.LlamaGenCodes`
+``<out>/{i}.npy`` float16 ``(A, H*W, Z)`` in the same crop order (the layout :class:`models.data.codes.LlamaGenCodes`
 reads with ``features_dir``)::
 
     python -m models.extract_features --encoder dinov2_vitb14_pretrain.pth --arch vitb14 \\
@@ -21,9 +21,9 @@ count (DistributedSampler pads with the first images) map to image ``i % n``.
 
 Encoder preparation (``--prep``): ``mirai`` (default) as the official Mirai-I script prepares DINOv2 — the position
 table resampled once to the code grid with size-based, antialiased bicubic (timm's ``resample_abs_pos_embed``
-semantics, :meth:`models.dinov2.DinoV2.resample_pos_embed_`) and each crop (LlamaGen's [-1, 1] tensor) resized to
+semantics, :meth:`models.nets.dinov2.DinoV2.resample_pos_embed_`) and each crop (LlamaGen's [-1, 1] tensor) resized to
 ``grid * patch`` px (224 for 16x16 codes and patch 14) with plain bicubic, no antialiasing, no clamp, then
-ImageNet-normalised (:func:`models.dinov2.imagenet_preprocess`); ``ours`` keeps our earlier preparation (DINOv2's
+ImageNet-normalised (:func:`models.nets.dinov2.imagenet_preprocess`); ``ours`` keeps our earlier preparation (DINOv2's
 scale-factor interpolation of the table at every forward, antialiased and clamped resize).
 
 Storage: features are computed in fp32 (``--dtype``: autocast on GPU only) and stored as float16, half the disk
@@ -49,7 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dinov2 import DinoV2, imagenet_preprocess
+from .data.codes import codes_layout
+from .nets.dinov2 import DinoV2, imagenet_preprocess
 
 __all__ = ["list_images", "load_image", "center_crop_arr", "five_crop", "ten_crop", "llamagen_crops",
            "crop_features", "encode_crops", "extract", "prepare_encoder", "PREPS", "main"]
@@ -206,7 +207,7 @@ def encode_crops(encoder: Callable[[torch.Tensor], torch.Tensor], crops: torch.T
                  batch_size: int = 10, device="cpu", dtype: torch.dtype = torch.float32,
                  resize: str = "bicubic") -> torch.Tensor:
     """``crops (C, 3, S, S)`` in [-1, 1] -> ``(C, N, Z)`` fp32 features on the CPU, ``batch_size`` crops per call;
-    resizing (``resize``: see :func:`models.dinov2.imagenet_preprocess`) and ImageNet normalisation run on
+    resizing (``resize``: see :func:`models.nets.dinov2.imagenet_preprocess`) and ImageNet normalisation run on
     ``device``. ``dtype``: autocast dtype on CUDA (CPU: fp32)."""
     out = []
     for chunk in crops.split(batch_size):
@@ -253,15 +254,6 @@ def _save_atomic(path: str, arr: np.ndarray) -> None:
     tmp = f"{path}.tmp.{os.getpid()}.npy"
     np.save(tmp, arr)
     os.replace(tmp, path)
-
-
-def _codes_layout(codes_dir: str) -> Tuple[int, int, int]:
-    """(number of code files, crops per file, codes per crop) from a LlamaGen codes folder."""
-    from .codes import _as_crops, _count, _load
-    n = _count(codes_dir, "codes")
-    path = os.path.join(codes_dir, "0.npy")
-    crops = _as_crops(_load(path), path)
-    return n, crops.shape[0], crops.shape[1]
 
 
 def extract(encoder: Callable[[torch.Tensor], torch.Tensor], images: Sequence[str], out_dir: str, *,
@@ -352,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     num_crops = 10 if args.ten_crop else 2
     count, expected_tokens, labels_dir = len(images), None, args.labels_dir
     if args.codes_dir:
-        count, num_crops, expected_tokens = _codes_layout(args.codes_dir)
+        count, num_crops, expected_tokens = codes_layout(args.codes_dir)
         side = int(round(expected_tokens ** 0.5))
         if side * side != expected_tokens:
             raise ValueError(f"extract_features: {expected_tokens} codes per crop is not a square grid")

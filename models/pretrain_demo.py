@@ -63,6 +63,7 @@ def main(argv=None):
 
     from . import train as train_mod
     from .evaluate import class_labels, sample_tokens, structure_metric
+    from .nets.gpt import load_sampling_model
 
     t0 = time.time()
     summary = train_mod.train(train_mod.parse_args(train_argv(args.steps, args.work, resume)))
@@ -70,7 +71,7 @@ def main(argv=None):
     os.makedirs(args.dest, exist_ok=True)
     for name in ("model.pt", "metrics.jsonl", "config.json"):
         shutil.copyfile(os.path.join(args.work, name), os.path.join(args.dest, name))
-    model = train_mod.load_sampling_model(os.path.join(args.dest, "model.pt"))
+    model = load_sampling_model(os.path.join(args.dest, "model.pt"))
     labels = class_labels(args.n_check, model.config.num_classes)
     tokens = sample_tokens(model, labels, seed=0, cfg_scale=2.0)
     check = structure_metric(tokens, labels, model.config.grid)

@@ -16,11 +16,10 @@ import torch
 from .checkpoint import atomic_save
 from .cli import (UsageError, device, float_in, int_at_least, nonneg_int, positive_int, probability, run_main,
                   sampling_seed)
-from .data import CLASS_NAMES, satisfies_rule
-from .generate import generate
-from .tokenizer import PaletteTokenizer, image_grid, write_png
-from .gpt import PRESETS, load_llamagen_gpt
-from .train import load_sampling_model
+from .data.shapes import CLASS_NAMES, satisfies_rule
+from .sampling.generate import generate
+from .data.tokenizer import PaletteTokenizer, image_grid, write_png
+from .nets.gpt import PRESETS, load_llamagen_gpt, load_sampling_model
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +30,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus in [0, 1] (1 = off, 0 = greedy)")
     p.add_argument("--speculative", choices=["none", "jacobi"], default="none", help="jacobi: lossless speculative "
-                   "Jacobi decoding (the same distribution in fewer model calls; models/speculative.py)")
+                   "Jacobi decoding (the same distribution in fewer model calls; models/sampling/speculative.py)")
     p.add_argument("--window", type=int_at_least(2), default=16, help="--speculative jacobi: tokens verified per "
                    "model call (the last token + window - 1 drafts), >= 2")
     p.add_argument("--draft-init", choices=["prior", "left", "random", "prior-reset", "left-reset", "adaptive"],
@@ -43,7 +42,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_kwargs(args) -> dict:
-    """The :func:`models.generate.generate` keywords that :func:`add_sampling_args`'s flags resolve to."""
+    """The :func:`models.sampling.generate.generate` keywords that :func:`add_sampling_args`'s flags resolve to."""
     kwargs = dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if args.speculative == "jacobi":
         kwargs.update(speculative="jacobi", window=args.window, draft_init=args.draft_init)
@@ -128,7 +127,7 @@ def main(argv=None):
         for i in range(0, args.n, args.batch_size)
     ])
     if args.vq_ckpt:
-        from .vq import VQTokenizer
+        from .nets.vq import VQTokenizer
 
         vq = VQTokenizer.from_checkpoint(args.vq_ckpt).to(args.device)
         with torch.no_grad():

@@ -55,11 +55,11 @@ from .checkpoint import (CheckpointError, atomic_save, atomic_save_sharded, clea
                          load_checkpoint, load_sharded, load_sharded_meta, recover_sharded, require_keys, truncate_log)
 from .cli import (UsageError, dropout_rate, float_in, int_at_least, nonneg_float, nonneg_int, positive_float,
                   positive_int, run_main)
-from .cli import device, train_seed
-from .data import build_dataset
-from .encoder import builtin_encoder, load_encoder
-from .foresight import EMA, OBJECTIVES, build_objective, default_head_width, read_metrics
-from .gpt import GPT, GPTConfig, PRESETS, config_from_preset
+from .cli import device, init_distributed, train_seed
+from .data.shapes import build_dataset
+from .nets.encoder import builtin_encoder, load_encoder
+from .objectives.foresight import EMA, OBJECTIVES, build_objective, default_head_width, read_metrics
+from .nets.gpt import GPT, GPTConfig, PRESETS, config_from_preset
 
 
 NEVER = ("never", "none", "off")
@@ -307,21 +307,6 @@ def collate(dataset, indices):
     return tokens, labels, features
 
 
-def load_sampling_model(path: str, device="cpu") -> GPT:
-    """A plain GPT from a sampling checkpoint (``model.pt``) or a training checkpoint (``last.pt``: its EMA),
-    read by :func:`models.checkpoint.load_checkpoint` (weights_only; errors name the file)."""
-    ckpt = require_keys(load_checkpoint(path, what="--ckpt"), path, ["config"], "mirai checkpoint")
-    if "model" not in ckpt and "ema" not in ckpt:
-        raise CheckpointError(f"{path!r} is not a mirai checkpoint: no 'model' or 'ema' weights "
-                              f"(its keys: {sorted(map(str, ckpt))[:8]})")
-    try:
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"], strict=True)
-    except (TypeError, RuntimeError) as exc:  # unknown config fields, weights of another shape
-        raise CheckpointError(f"{path!r}: its weights do not fit its own config ({str(exc)[:300]})") from exc
-    return model.to(device).eval()
-
-
 class TrainStep(torch.nn.Module):
     """The GPT and the objective's heads as one module, so one DistributedDataParallel wrapper syncs all the
     trainable parameters; ``forward`` is the objective's loss."""
@@ -355,23 +340,6 @@ def full_state_dict(module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def init_distributed(device_name: str):
-    """(rank, world_size, device). Under ``torchrun`` (WORLD_SIZE > 1) joins the process group: NCCL on GPUs,
-    gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device(device_name)
-    import torch.distributed as dist
-
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
 
 
 def resolve_run(args, *, dataset_size: int, grid, vocab_size: int, num_classes: int, world: int,

@@ -1,4 +1,4 @@
-"""DINOv2 encoder (models/dinov2.py) and the per-crop Mirai-I feature extraction (models/extract_features.py).
+"""DINOv2 encoder (models/nets/dinov2.py) and the per-crop Mirai-I feature extraction (models/extract_features.py).
 
 The key table below is written from facebookresearch/dinov2 (vision_transformer.py + layers/, hub/backbones.py:
 img_size 518, patch 14, LayerScale, block_chunks=0, ViT-g with the fused SwiGLU FFN, 4 registers for *_reg), not
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.dinov2 import DinoV2, dinov2_config, imagenet_preprocess, state_dict_shapes
+from models.nets.dinov2 import DinoV2, dinov2_config, imagenet_preprocess, state_dict_shapes
 from models import extract_features as ef
 
 TINY = dict(embed_dim=32, depth=2, num_heads=4)
@@ -236,7 +236,7 @@ def test_center_crop_and_llamagen_crops():
 def test_extract_cli_end_to_end(tmp_path):
     """Images (uint8 .npy, ImageFolder layout) + LlamaGen code/label files -> feature files that LlamaGenCodes
     serves next to the codes, one (H*W, Z) block per crop, equal to the encoder on that crop."""
-    from models.codes import LlamaGenCodes, code_dirs, write_item
+    from models.data.codes import LlamaGenCodes, code_dirs, write_item
 
     images_dir = tmp_path / "images"
     rng = np.random.default_rng(0)

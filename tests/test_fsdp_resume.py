@@ -16,6 +16,7 @@ import torch
 from models import checkpoint as ckpt_mod
 from models import train as train_mod
 from models.cli import UsageError
+from models.nets.gpt import load_sampling_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # global batch 12: splits over 2 and over 3 processes; dropout on, so each rank's RNG stream matters
@@ -81,7 +82,7 @@ def test_fsdp_resume_is_bit_exact_with_an_uninterrupted_run(runs):
     assert not torch.equal(meta["rng_per_rank"][0], meta["rng_per_rank"][1])  # each rank its own dropout stream
     # the interrupted swap was undone and every leftover removed; the sampling checkpoint is the gathered EMA
     assert sorted(os.listdir(split)) == ["config.json", "last.dcp", "metrics.jsonl", "model.pt"]
-    model = train_mod.load_sampling_model(str(split / "model.pt"))
+    model = load_sampling_model(str(split / "model.pt"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in a["ema"].items())
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mirai_kernels as mk
-from models.generate import DeviceRNG, bits_to_uniform, filter_logits, generate, sample_next
+from models.sampling.generate import DeviceRNG, bits_to_uniform, filter_logits, generate, sample_next
 
 # ---------------------------------------------------------------------------------------------------------
 # Bug 1: uniforms strictly inside (0, 1); filtered tokens never sampled
@@ -449,7 +449,7 @@ def test_bidirectional_keyword_returns_both_outputs():
 
 
 def small_gpt(vocab=64, grid=4, **kw):
-    from models.gpt import build_gpt
+    from models.nets.gpt import build_gpt
 
     torch.manual_seed(0)
     model = build_gpt("tiny", dim=64, n_layer=2, n_head=4, grid=grid, vocab_size=vocab, num_classes=10,
@@ -476,7 +476,7 @@ def test_forward_unpacks_as_llamagen_and_extras_only_by_keyword():
 
 
 def test_our_decode_goes_through_the_attention_module(monkeypatch):
-    """models/gpt.py no longer reaches into attn.wqkv: the cached step is the attention module's call."""
+    """models/nets/gpt.py no longer reaches into attn.wqkv: the cached step is the attention module's call."""
     model = small_gpt().eval()
     seen = []
     for layer in model.layers:
@@ -517,7 +517,7 @@ def test_low_precision_weights_train_and_sample(dtype, face):
 def test_llamagen_presets_and_parameter_counts():
     """LlamaGen's c2i zoo by its names; the counts are LlamaGen's own (its gpt.py comments: 111M ... 3.9B) at
     vocab 16384, 1000 classes + the null class, and equal the closed form of the architecture."""
-    from models.gpt import PRESETS, build_gpt, find_multiple
+    from models.nets.gpt import PRESETS, build_gpt, find_multiple
 
     published = {"GPT-B": (12, 12, 768, 111e6), "GPT-L": (24, 16, 1024, 343e6), "GPT-XL": (36, 20, 1280, 775e6),
                  "GPT-XXL": (48, 24, 1536, 1.4e9), "GPT-XXXL": (48, 40, 2560, 3.9e9), "GPT-3B": (24, 32, 3200, 3.1e9)}
@@ -537,7 +537,7 @@ def test_llamagen_presets_and_parameter_counts():
 def cache_free_sample(model, labels, n_tokens, cfg_scale, cfg_interval, generator, **sampling):
     """A full forward over the whole prefix at every step (no cache), guidance switched as LlamaGen's decode
     loop does (prefill guided; loop index i = t - 1 turns it off once i > cfg_interval), same random stream."""
-    from models.generate import seed_from
+    from models.sampling.generate import seed_from
 
     rng = DeviceRNG(seed_from(generator), "cpu")
     cond = torch.cat([labels, torch.full_like(labels, model.null_class)])
@@ -590,7 +590,7 @@ def test_generate_llamagen_arguments():
 def test_llamagen_weights_in_our_gpt_give_llamagen_greedy_tokens():
     """The same weights in LlamaGen's structure (LlamaGen's loop) and in our GPT (our sampler, LlamaGen's call)
     give the same greedy tokens, guidance switched off by cfg_interval included."""
-    from models.gpt import GPT, GPTConfig
+    from models.nets.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     args = LGArgs(block_size=64, vocab_size=512)
@@ -636,7 +636,7 @@ def _layouts(state, args_ns):
 def test_llamagen_checkpoint_layouts_load(tmp_path):
     import argparse
 
-    from models.gpt import load_llamagen_gpt
+    from models.nets.gpt import load_llamagen_gpt
 
     original = _micro_llamagen().train()
     state = original.state_dict()
@@ -666,7 +666,7 @@ def test_llamagen_checkpoints_refused_clearly(tmp_path):
     import argparse
 
     from models.checkpoint import CheckpointError, UnsafeCheckpointError
-    from models.gpt import llamagen_state_dict, load_llamagen_gpt
+    from models.nets.gpt import llamagen_state_dict, load_llamagen_gpt
 
     state = _micro_llamagen().state_dict()
     kw = dict(gpt_model="micro", image_size=64, codebook_size=8)

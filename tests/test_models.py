@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import mirai_kernels as mk
-from models import foresight as fs
-from models.checkpoint import load_checkpoint
-from models.data import CLASS_NAMES, ShapesDataset, satisfies_rule
-from models.generate import filter_logits, generate
-from models.gpt import GPT, build_gpt
-from models.tokenizer import PaletteTokenizer, image_grid, write_png
 from models import train as train_mod
+from models.checkpoint import load_checkpoint
+from models.data.shapes import CLASS_NAMES, ShapesDataset, satisfies_rule
+from models.data.tokenizer import PaletteTokenizer, image_grid, write_png
+from models.nets.gpt import GPT, build_gpt, load_sampling_model
+from models.objectives import foresight as fs
+from models.sampling.generate import filter_logits, generate
 
 
 def tiny_gpt(dropout=0.0, grid=(4, 4), perturb=True, **kw):
@@ -143,7 +143,7 @@ def test_cached_decode_logits_match_full_forward():
 
 def eager_generate(model, labels, cfg_scale, temperature, generator):
     """Cache-free reference sampler: a full forward over the prefix at every step (same random stream)."""
-    from models.generate import DeviceRNG, sample_next, seed_from
+    from models.sampling.generate import DeviceRNG, sample_next, seed_from
 
     rng = DeviceRNG(seed_from(generator), "cpu")
     n = model.config.block_size
@@ -193,7 +193,7 @@ def make_objective(name, model, **kw):
     ema = fs.EMA(model, 0.9)
     encoder = None
     if name == "mirai-i":
-        from models.encoder import TokenEncoder
+        from models.nets.encoder import TokenEncoder
 
         encoder = TokenEncoder(8, model.config.block_size, dim=32, depth=1, heads=2)
     return fs.build_objective(name, model, ema=ema, head_width=64, encoder=encoder, **kw), ema
@@ -328,14 +328,14 @@ def test_sampling_checkpoint_has_no_heads_and_loads_strictly(tmp_path):
 
 def test_missing_or_corrupt_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        train_mod.load_sampling_model(str(tmp_path / "nope.pt"))
+        load_sampling_model(str(tmp_path / "nope.pt"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="corrupt"):
-        train_mod.load_sampling_model(str(bad))
+        load_sampling_model(str(bad))
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(RuntimeError, match="not a mirai checkpoint"):
-        train_mod.load_sampling_model(str(tmp_path / "other.pt"))
+        load_sampling_model(str(tmp_path / "other.pt"))
 
 
 def test_short_training_learns_and_samples(tmp_path):
@@ -376,7 +376,7 @@ def test_two_processes_match_one_process(tmp_path, sharding):
     for a, b in zip(ddp_lines, one_lines):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     assert single["world_size"] == 1
-    train_mod.load_sampling_model(str(tmp_path / "ddp" / "model.pt"))  # full (gathered) weights, strict load
+    load_sampling_model(str(tmp_path / "ddp" / "model.pt"))  # full (gathered) weights, strict load
 
 
 def test_two_process_resume_is_bit_exact_with_dropout(tmp_path):
@@ -413,7 +413,7 @@ def test_train_on_llamagen_codes_with_precomputed_mirai_i_features(tmp_path):
     """The real-recipe data path: LlamaGen code files (ten-crop layout) + a per-crop feature cache for Mirai-I."""
     import numpy as np
 
-    from models.codes import code_dirs, write_item
+    from models.data.codes import code_dirs, write_item
 
     codes_dir, labels_dir = code_dirs(str(tmp_path / "codes"), 64)  # 64 px -> a 4x4 code grid
     rng = np.random.default_rng(0)
@@ -432,7 +432,7 @@ def test_train_on_llamagen_codes_with_precomputed_mirai_i_features(tmp_path):
 def test_decode_step_compiles_fullgraph(temperature):
     """On CPU, the stand-in check that a decode step (cached forward + guidance + sampling + cache advance) has
     no host synchronisation: torch.compile traces it whole, and it gives the eager step's tokens."""
-    from models.generate import DecodeStep, DeviceRNG
+    from models.sampling.generate import DecodeStep, DeviceRNG
 
     torch._dynamo.reset()  # fresh compile caches: earlier tests' recompiles must not count against this one
     model = tiny_gpt().eval()
@@ -457,7 +457,7 @@ def test_decode_step_compiles_fullgraph(temperature):
 
 
 def test_device_rng_sampling_follows_the_distribution():
-    from models.generate import DeviceRNG, sample_next
+    from models.sampling.generate import DeviceRNG, sample_next
 
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(20000, 4)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from models import foresight as fs
-from models.gpt import GPT, build_gpt, config_from_preset
+from models.objectives import foresight as fs
+from models.nets.gpt import GPT, build_gpt, config_from_preset
 
 OFFICIAL_STEPS_PER_EPOCH = 1_281_167 // 256  # ImageNet train at global batch 256, drop_last: 5004
 
@@ -23,7 +23,7 @@ def tiny_gpt(dropout=0.0, grid=(4, 4), **kw):
 
 
 def token_encoder(model):
-    from models.encoder import TokenEncoder
+    from models.nets.encoder import TokenEncoder
 
     return TokenEncoder(8, model.config.block_size, dim=32, depth=1, heads=2)
 
@@ -289,7 +289,7 @@ def test_grad_accumulation_matches_one_big_step_and_config_is_in_every_checkpoin
 def test_position_table_resampled_once_with_size_based_antialiased_bicubic():
     import torch.nn.functional as F
 
-    from models.dinov2 import DinoV2, resample_abs_pos_embed
+    from models.nets.dinov2 import DinoV2, resample_abs_pos_embed
 
     tiny = dict(embed_dim=32, depth=1, num_heads=2)
     model = DinoV2("vitb14", **tiny)  # the hub table: 37x37 patches (518 px)
@@ -316,7 +316,7 @@ def test_position_table_resampled_once_with_size_based_antialiased_bicubic():
 def test_crops_resized_with_plain_bicubic_and_no_clamp():
     import torch.nn.functional as F
 
-    from models.dinov2 import imagenet_preprocess
+    from models.nets.dinov2 import imagenet_preprocess
 
     g = torch.Generator().manual_seed(0)
     crop = (torch.randint(0, 2, (2, 3, 256, 256), generator=g).float() * 2 - 1)  # hard edges: bicubic overshoots
@@ -340,7 +340,7 @@ def test_fp16_feature_cache_barely_moves_cosine_targets(tmp_path):
     import torch.nn.functional as F
 
     from models import extract_features as ef
-    from models.dinov2 import DinoV2
+    from models.nets.dinov2 import DinoV2
 
     encoder = DinoV2("vitb14", embed_dim=64, depth=1, num_heads=2, img_size=28)
     rng = np.random.default_rng(0)

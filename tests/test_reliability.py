@@ -14,6 +14,7 @@ import torch
 from models import evaluate as evaluate_mod
 from models import sample as sample_mod
 from models import train as train_mod
+from models.nets.gpt import load_sampling_model
 
 TINY = ["--grid", "4", "--data-size", "64", "--batch-size", "8", "--no-progress", "--log-every", "1", "--lr", "1e-3"]
 
@@ -73,11 +74,11 @@ def test_malicious_payload_is_real(tmp_path):
 
 def test_malicious_checkpoint_is_refused_by_every_loader(tmp_path):
     from models.checkpoint import UnsafeCheckpointError, load_checkpoint
-    from models.classifier import load_classifier
-    from models.encoder import load_encoder
+    from models.nets.classifier import load_classifier
+    from models.nets.encoder import load_encoder
 
     marker, files = malicious_files(tmp_path)
-    loaders = [load_checkpoint, train_mod.load_sampling_model, load_classifier, load_encoder,
+    loaders = [load_checkpoint, load_sampling_model, load_classifier, load_encoder,
                lambda p: sample_mod.main(["--ckpt", str(p), "--out", str(tmp_path / "s.png")]),
                lambda p: evaluate_mod.main(["--ckpt", str(p), "--n", "4", "--out", str(tmp_path / "e.json")])]
     for path in files:
@@ -118,9 +119,9 @@ def test_no_loader_bypasses_the_policy():
 def test_own_checkpoints_need_no_extra_types(tiny_run, tmp_path):
     """Every kind of file we write loads under weights_only=True with an empty allow-list (OWN_TYPES)."""
     from models.checkpoint import OWN_TYPES, load_checkpoint
-    from models.classifier import save_classifier, train_classifier
-    from models.data import build_dataset
-    from models.encoder import save_encoder, train_token_encoder
+    from models.nets.classifier import save_classifier, train_classifier
+    from models.data.shapes import build_dataset
+    from models.nets.encoder import save_encoder, train_token_encoder
 
     assert OWN_TYPES == ()
     data = build_dataset("shapes", size=32, grid=4, seed=0)
@@ -160,9 +161,9 @@ def test_damaged_files_get_clear_messages(tiny_run, tmp_path):
         load_checkpoint(str(tmp_path / "missing.pt"))
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="not a mirai checkpoint"):
-        train_mod.load_sampling_model(str(tmp_path / "list.pt"))
+        load_sampling_model(str(tmp_path / "list.pt"))
     with pytest.raises(CheckpointError, match="not a palette-classifier"):
-        from models.classifier import load_classifier
+        from models.nets.classifier import load_classifier
 
         load_classifier(str(tmp_path / "list.pt"))
 

@@ -1,4 +1,4 @@
-"""Speculative Jacobi decoding (models/speculative.py): losslessness against the exact autoregressive joint
+"""Speculative Jacobi decoding (models/sampling/speculative.py): losslessness against the exact autoregressive joint
 distribution (enumerated), with the power check that broken acceptance rules fail the same test; greedy identity
 with plain decoding at vocab 16384; per-row progress; rollback (cache rows past ``cache_seqlens`` are dead);
 finishing exactly at H*W; torch.compile(fullgraph=True) of the step."""
@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from models.generate import DeviceRNG, filter_logits, generate
-from models.gpt import build_gpt
-from models.speculative import JacobiStep, speculative_generate
+from models.sampling.generate import DeviceRNG, filter_logits, generate
+from models.nets.gpt import build_gpt
+from models.sampling.speculative import JacobiStep, speculative_generate
 
 VOCAB, GRID = 4, (2, 2)  # 4^4 = 256 whole sequences: the joint distribution is enumerable
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.codes import LlamaGenCodes, code_dirs, write_item
-from models.vq import VQ_16, VQConfig, VQTokenizer
+from models.data.codes import LlamaGenCodes, code_dirs, write_item
+from models.nets.vq import VQ_16, VQConfig, VQTokenizer
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -57,7 +57,7 @@ ABSENT = ["decoder.conv_blocks.4.upsample.conv.weight", "encoder.conv_blocks.4.d
 
 def llamagen_state_shapes(ch=128, mult=(1, 1, 2, 2, 4), z=256, n_codes=16384, dim=8, usage=65536, nres=2):
     """Every parameter name -> shape of LlamaGen's VQModel, enumerated from its source independently of
-    models/vq.py (the test's own reading of the architecture)."""
+    models/nets/vq.py (the test's own reading of the architecture)."""
     out = {}
 
     def conv(name, cin, cout, k):

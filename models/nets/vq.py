@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import LLAMAGEN_TYPES, CheckpointError, UnsafeCheckpointError, load_checkpoint
+from ..checkpoint import LLAMAGEN_TYPES, CheckpointError, UnsafeCheckpointError, load_checkpoint
 
 __all__ = ["VQConfig", "VQTokenizer", "VQ_16", "VQ_8", "VQ_PRESETS"]
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import UnsafeCheckpointError, load_checkpoint
+from ..checkpoint import UnsafeCheckpointError, load_checkpoint
 
 __all__ = ["DinoV2", "DinoV2Config", "ARCHS", "dinov2_config", "imagenet_preprocess", "resample_abs_pos_embed",
            "RESIZES", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -31,7 +31,7 @@ read. Each row advances by its own count (per-sample progress, not SJD's batch m
 changing (their calls still run, on static shapes, but commit nothing).
 
 Everything in the step is device tensor arithmetic on buffers allocated once (window tokens, q of every draft, the
-token sequence, committed counts, cache lengths, the :class:`~models.generate.DeviceRNG` stream): no host
+token sequence, committed counts, cache lengths, the :class:`~models.sampling.generate.DeviceRNG` stream): no host
 synchronisation, so the step is CUDA-graph capturable and ``torch.compile(fullgraph=True)``-traceable; the host
 reads one boolean (all rows done?) every ``check_every`` calls.
 """
@@ -96,7 +96,7 @@ class JacobiStep:
 
     def target(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """(rows, S, V) fp32 logits of positions ``pos`` (B, S) -> (B, S, V) target probabilities: guidance per
-        absolute position (``cfg_interval`` as :func:`models.generate.guided_at`), then temperature, top-k, top-p
+        absolute position (``cfg_interval`` as :func:`models.sampling.generate.guided_at`), then temperature, top-k, top-p
         (temperature 0: a point mass on the argmax)."""
         if self.guided:
             cond, uncond = logits.chunk(2)
@@ -280,7 +280,7 @@ def speculative_generate(model, labels: torch.Tensor, n_tokens: int, *, window: 
                          top_p: float = 1.0, generator: Optional[torch.Generator] = None,
                          cuda_graph: Optional[bool] = None, check_every: int = 4, return_stats: bool = False,
                          _rule: str = "exact"):
-    """SJD sampling of ``n_tokens`` image tokens per label (called by :func:`models.generate.generate` with
+    """SJD sampling of ``n_tokens`` image tokens per label (called by :func:`models.sampling.generate.generate` with
     ``speculative="jacobi"``, which validates the arguments). Returns int64 tokens ``(B, n_tokens)``, and with
     ``return_stats`` also a dict: ``calls`` (model calls per row until it finished, prefill excluded), ``steps``
     (window calls run for the batch)."""

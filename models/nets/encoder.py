@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, require_keys
+from ..checkpoint import CheckpointError, atomic_save, load_checkpoint, require_keys
 
 
 class TokenEncoder(nn.Module):

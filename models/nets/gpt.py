@@ -29,7 +29,7 @@ from torch import nn
 
 import mirai_kernels as mk
 
-from .checkpoint import CheckpointError
+from ..checkpoint import CheckpointError
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -362,7 +362,7 @@ def load_llamagen_gpt(path: str, *, gpt_model: Optional[str] = None, image_size:
     the ``argparse.Namespace`` LlamaGen's training stores), then :func:`llamagen_state_dict`, then a strict load:
     a shape or name mismatch is reported against the flags.
     """
-    from .checkpoint import LLAMAGEN_TYPES, load_checkpoint
+    from ..checkpoint import LLAMAGEN_TYPES, load_checkpoint
 
     obj = load_checkpoint(path, allow=LLAMAGEN_TYPES, what="--gpt-ckpt")
     state = llamagen_state_dict(obj, source=f"--gpt-ckpt {path!r}")
@@ -390,4 +390,21 @@ def load_llamagen_gpt(path: str, *, gpt_model: Optional[str] = None, image_size:
     except RuntimeError as exc:
         raise CheckpointError(f"--gpt-ckpt {path!r} does not match --gpt-model {gpt_model} --codebook-size "
                          f"{codebook_size} --num-classes {num_classes}: {str(exc)[:600]}") from exc
+    return model.to(device).eval()
+
+
+def load_sampling_model(path: str, device="cpu") -> GPT:
+    """A plain GPT from a sampling checkpoint (``model.pt``) or a training checkpoint (``last.pt``: its EMA),
+    read by :func:`models.checkpoint.load_checkpoint` (weights_only; errors name the file)."""
+    from ..checkpoint import load_checkpoint, require_keys
+
+    ckpt = require_keys(load_checkpoint(path, what="--ckpt"), path, ["config"], "mirai checkpoint")
+    if "model" not in ckpt and "ema" not in ckpt:
+        raise CheckpointError(f"{path!r} is not a mirai checkpoint: no 'model' or 'ema' weights "
+                              f"(its keys: {sorted(map(str, ckpt))[:8]})")
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["ema"] if "ema" in ckpt else ckpt["model"], strict=True)
+    except (TypeError, RuntimeError) as exc:  # unknown config fields, weights of another shape
+        raise CheckpointError(f"{path!r}: its weights do not fit its own config ({str(exc)[:300]})") from exc
     return model.to(device).eval()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["LlamaGenCodes", "write_item", "code_dirs"]
+__all__ = ["LlamaGenCodes", "write_item", "code_dirs", "codes_layout"]
 
 _NAME = re.compile(r"^(\d+)\.npy$")
 
@@ -79,11 +79,20 @@ def _as_crops(codes: np.ndarray, path: str) -> np.ndarray:
     return codes
 
 
+def codes_layout(codes_dir: str) -> Tuple[int, int, int]:
+    """(number of code files, crops per file, codes per crop) of a LlamaGen codes folder, read from its file count
+    and ``0.npy`` (what a per-crop feature cache for it must match)."""
+    n = _count(codes_dir, "codes")
+    path = os.path.join(codes_dir, "0.npy")
+    crops = _as_crops(_load(path), path)
+    return n, crops.shape[0], crops.shape[1]
+
+
 class LlamaGenCodes(Dataset):
     """LlamaGen ``extract_codes_c2i.py`` output as a class-conditional token dataset.
 
     Items: ``(tokens (H*W,) int64, label int)``, plus ``features (H*W, Z)`` when ``features_dir`` is given; the
-    same interface as :mod:`models.data`'s datasets (``height``, ``width``, ``vocab_size``, ``num_classes``).
+    same interface as :mod:`models.data.shapes`'s datasets (``height``, ``width``, ``vocab_size``, ``num_classes``).
 
     Args:
         codes_dir, labels_dir: the two directories (see :func:`code_dirs`).

@@ -187,7 +187,7 @@ def generate(model, cond: torch.Tensor, max_new_tokens: Optional[int] = None, em
     unchanged); ``generate(model, labels, cfg_scale=...)`` is the short form our CLIs use.
 
     Arguments:
-        model: a :class:`models.gpt.GPT` (put in eval mode here; its caches are (re)allocated).
+        model: a :class:`models.nets.gpt.GPT` (put in eval mode here; its caches are (re)allocated).
         cond: ``(B,)`` int class labels (LlamaGen's ``c_indices``); class-conditional only.
         max_new_tokens: tokens to sample, ``1 .. H*W`` (default ``H*W``). Given (LlamaGen's call), the tokens come
             back as ``torch.int`` as LlamaGen returns them; omitted, as int64.
@@ -204,10 +204,10 @@ def generate(model, cond: torch.Tensor, max_new_tokens: Optional[int] = None, em
             is a :class:`DeviceRNG` on the model's device (graph- and compile-safe).
         cuda_graph: capture the decode step in a CUDA graph (default: on for CUDA models).
         speculative: ``None`` = one model call per token; ``"jacobi"`` = lossless speculative Jacobi decoding
-            (:mod:`models.speculative`): the same distribution in fewer calls, ``window`` tokens verified per call
+            (:mod:`models.sampling.speculative`): the same distribution in fewer calls, ``window`` tokens verified per call
             (``window - 1`` drafts, initialised by ``draft_init``: ``"adaptive"``, the default, copies from the
             neighbour offset that agrees best with the tokens so far; ``"prior"`` the token above, ``"left"`` the
-            token to the left, ``"random"``; see :mod:`models.speculative`).
+            token to the left, ``"random"``; see :mod:`models.sampling.speculative`).
     Return:
         tokens: ``(B, max_new_tokens)`` raster order; ``torch.int`` when ``max_new_tokens`` is passed, else int64.
     """

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, require_keys
-from .tokenizer import DEFAULT_PALETTE
+from ..checkpoint import CheckpointError, atomic_save, load_checkpoint, require_keys
+from ..data.tokenizer import DEFAULT_PALETTE
 
 EXTRACTOR_NAME = "mirai-palette-classifier"
 FEATURES = ("features", "logits")
@@ -147,7 +147,7 @@ def builtin_classifier(data: str = "shapes", grid=(8, 8), *, cache_dir: str = os
                        seed: int = 0, size: int = 8192, steps: int = 400, verbose: bool = True) -> str:
     """Path of the project's classifier for ``data`` at ``grid``: trained on first use (on a split of its own)
     and cached under ``cache_dir``; returns the cached file's path."""
-    from .data import build_dataset
+    from ..data.shapes import build_dataset
 
     path = classifier_path(cache_dir, data, grid, seed)
     if os.path.isfile(path):

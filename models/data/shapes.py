@@ -1,7 +1,7 @@
 """Built-in offline data: a procedural, class-conditional image set in which global structure matters.
 
 ``shapes``: small images (default 8x8) over a fixed 8-colour palette, one token per pixel (see
-``models/tokenizer.py``). Each class is a rule tying distant parts of the image together — mirror symmetry, stripes
+``models/data/tokenizer.py``). Each class is a rule tying distant parts of the image together — mirror symmetry, stripes
 that must keep alternating, a frame that must close — so a raster-order model that only looks back locally gets the
 far half wrong. Every image is generated deterministically from ``(seed, index)``, and :func:`satisfies_rule` checks
 whether any token grid obeys its class's rule (the structure metric of the evaluation study).
@@ -193,7 +193,7 @@ class DigitsDataset(Dataset):
 def build_dataset(name: str, *, size: int = 4096, grid=(8, 8), seed: int = 0, split: str = "train",
                   code_path: str | None = None, image_size: int = 256, features_dir: str | None = None):
     """``shapes`` (built in), ``digits`` (scikit-learn) or ``llamagen-codes`` (LlamaGen's pre-extracted ImageNet
-    codes under ``code_path``, optionally with a per-crop Mirai-I feature cache; see :mod:`models.codes`).
+    codes under ``code_path``, optionally with a per-crop Mirai-I feature cache; see :mod:`models.data.codes`).
     Held-out splits use another seed / the other part."""
     if name == "llamagen-codes":
         from .codes import LlamaGenCodes, code_dirs

@@ -239,7 +239,7 @@ def build_objective(name: str, model, *, ema: Optional[EMA], layer: Optional[int
         return Objective(model)
     if name == "mirai-i":
         if encoder is None and feature_dim is None:
-            raise ValueError("mirai-i needs a frozen encoder (see models.encoder) or precomputed features")
+            raise ValueError("mirai-i needs a frozen encoder (see models.nets.encoder) or precomputed features")
         return MiraiI(model, encoder=encoder, layer=layer, head_width=head_width, z_dim=feature_dim,
                       teacher_autocast=teacher_autocast)
     if ema is None:

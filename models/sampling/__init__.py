@@ -1,0 +1,1 @@
+"""Sampling: the KV-cache sampling loop and device RNG (generate), speculative Jacobi decoding (speculative)."""
