@@ -20,8 +20,8 @@ import torch
 from common import Case, add_common_args, run_cases, setup_from_args, write_json  # noqa: E402  (sets sys.path)
 
 from models.nets.encoder import TokenEncoder  # noqa: E402
-from models.objectives.foresight import EMA, build_objective, default_head_width  # noqa: E402
 from models.nets.gpt import GPT, config_from_preset  # noqa: E402
+from models.objectives.foresight import EMA, build_objective, default_head_width  # noqa: E402
 from models.train import TrainStep, param_groups  # noqa: E402
 
 OBJECTIVES = ("none", "mirai-e", "mirai-i", "mirai-s:teacher", "mirai-s:self")

@@ -44,12 +44,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .nets.classifier import builtin_classifier, file_digest, load_classifier, register_with_torch_fidelity
-from .cli import UsageError, device, init_distributed, int_at_least, positive_int, run_main, sampling_seed, train_seed
+from .cli import (UsageError, add_model_source_args, add_sampling_args, check_sampling_request, device, init_distributed,
+                  int_at_least, load_model, positive_int, run_main, sampling_kwargs, sampling_seed, train_seed)
 from .data.shapes import CLASS_NAMES, build_dataset, satisfies_rule
-from .sampling.generate import generate
-from .sample import add_model_source_args, add_sampling_args, check_sampling_request, load_model, sampling_kwargs
 from .data.tokenizer import PaletteTokenizer
+from .nets.classifier import builtin_classifier, file_digest, load_classifier, register_with_torch_fidelity
+from .sampling.generate import generate
 
 
 def parse_args(argv=None):

@@ -14,86 +14,11 @@ import os
 import torch
 
 from .checkpoint import atomic_save
-from .cli import (UsageError, device, float_in, int_at_least, nonneg_int, positive_int, probability, run_main,
-                  sampling_seed)
+from .cli import (UsageError, add_model_source_args, add_sampling_args, check_sampling_request, device, load_model,
+                  nonneg_int, positive_int, run_main, sampling_kwargs, sampling_seed)
 from .data.shapes import CLASS_NAMES, satisfies_rule
-from .sampling.generate import generate
 from .data.tokenizer import PaletteTokenizer, image_grid, write_png
-from .nets.gpt import PRESETS, load_llamagen_gpt, load_sampling_model
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """The sampling flags shared with :mod:`models.evaluate`, each validated at parse time."""
-    p.add_argument("--cfg", type=float_in(1.0), default=2.0, help="classifier-free guidance scale >= 1 (1 = off; "
-                   "> 1 needs a model trained with --class-dropout > 0)")
-    p.add_argument("--temperature", type=float_in(0.0), default=1.0, help=">= 0 (0 = greedy)")
-    p.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus in [0, 1] (1 = off, 0 = greedy)")
-    p.add_argument("--speculative", choices=["none", "jacobi"], default="none", help="jacobi: lossless speculative "
-                   "Jacobi decoding (the same distribution in fewer model calls; models/sampling/speculative.py)")
-    p.add_argument("--window", type=int_at_least(2), default=16, help="--speculative jacobi: tokens verified per "
-                   "model call (the last token + window - 1 drafts), >= 2")
-    p.add_argument("--draft-init", choices=["prior", "left", "random", "prior-reset", "left-reset", "adaptive"],
-                   default="adaptive",
-                   help="--speculative jacobi: drafts start as the token above (prior), the token to the left (left) "
-                   "or uniform random tokens; -reset: the window redrafted from that prior after every call instead "
-                   "of the Jacobi redraft; adaptive: copy from the neighbour offset that agrees best with the tokens "
-                   "so far")
-
-
-def sampling_kwargs(args) -> dict:
-    """The :func:`models.sampling.generate.generate` keywords that :func:`add_sampling_args`'s flags resolve to."""
-    kwargs = dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    if args.speculative == "jacobi":
-        kwargs.update(speculative="jacobi", window=args.window, draft_init=args.draft_init)
-    return kwargs
-
-
-def add_model_source_args(p: argparse.ArgumentParser) -> None:
-    """``--ckpt`` (ours) or ``--gpt-ckpt`` (a LlamaGen c2i GPT checkpoint, with LlamaGen's sample_c2i flags), shared
-    with :mod:`models.evaluate`."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="model.pt (sampling) or last.pt (uses its EMA weights)")
-    src.add_argument("--gpt-ckpt", help="a LlamaGen class-conditional GPT checkpoint (e.g. c2i_B_256.pt), with "
-                     "--gpt-model and --image-size as in LlamaGen's sample_c2i.py")
-    p.add_argument("--gpt-model", choices=[k for k in PRESETS if k.startswith("GPT-")] + [k for k in PRESETS
-                   if not k.startswith("GPT-")], default=None, help="--gpt-ckpt's architecture (default: from the "
-                   "checkpoint's stored args)")
-    p.add_argument("--image-size", type=positive_int, default=None, help="--gpt-ckpt: image side in pixels "
-                   "(256, 384, 512; default: from the checkpoint's stored args)")
-    p.add_argument("--downsample-size", type=positive_int, default=16, help="--gpt-ckpt: VQ downsampling (16)")
-    p.add_argument("--codebook-size", type=positive_int, default=16384, help="--gpt-ckpt: VQ codebook (vocab) size")
-    p.add_argument("--num-classes", type=positive_int, default=None, help="--gpt-ckpt: classes (default: from "
-                   "the class table)")
-    p.add_argument("--cls-token-num", type=positive_int, default=1, help="--gpt-ckpt: class prefix length (1)")
-
-
-def load_model(args, device):
-    """The GPT ``args`` name: ours (``--ckpt``) or LlamaGen's (``--gpt-ckpt``)."""
-    if getattr(args, "gpt_ckpt", None):
-        return load_llamagen_gpt(args.gpt_ckpt, gpt_model=args.gpt_model, image_size=args.image_size,
-                                 downsample_size=args.downsample_size, codebook_size=args.codebook_size,
-                                 num_classes=args.num_classes, cls_token_num=args.cls_token_num, device=device)
-    return load_sampling_model(args.ckpt, device)
-
-
-def has_null_class(model) -> bool:
-    """Whether ``model`` has the null-class embedding row that classifier-free guidance samples from (trained
-    with class dropout > 0)."""
-    table = model.cls_embedding.embedding_table
-    return table.num_embeddings > model.config.num_classes
-
-
-def check_sampling_request(model, *, cfg: float, classes=()) -> None:
-    """Refuse, naming the flag, what ``model`` cannot sample: a class index it does not have, or guidance
-    (``--cfg`` > 1) without a null class (``generate`` would fail deep inside with an IndexError)."""
-    num_classes = model.config.num_classes
-    bad = [c for c in classes or () if not 0 <= c < num_classes]
-    if bad:
-        raise UsageError(f"--classes {bad}: this model has {num_classes} classes (valid: 0..{num_classes - 1})")
-    if cfg > 1.0 and not has_null_class(model):
-        raise UsageError(f"--cfg {cfg:g} needs the null class of classifier-free guidance, and this model has none "
-                         f"(it was trained with --class-dropout 0): pass --cfg 1 to sample without guidance")
+from .sampling.generate import generate
 
 
 def parse_args(argv=None):

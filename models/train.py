@@ -58,8 +58,8 @@ from .cli import (UsageError, dropout_rate, float_in, int_at_least, nonneg_float
 from .cli import device, init_distributed, train_seed
 from .data.shapes import build_dataset
 from .nets.encoder import builtin_encoder, load_encoder
-from .objectives.foresight import EMA, OBJECTIVES, build_objective, default_head_width, read_metrics
 from .nets.gpt import GPT, GPTConfig, PRESETS, config_from_preset
+from .objectives.foresight import EMA, OBJECTIVES, build_objective, default_head_width, read_metrics
 
 
 NEVER = ("never", "none", "off")

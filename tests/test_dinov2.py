@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.nets.dinov2 import DinoV2, dinov2_config, imagenet_preprocess, state_dict_shapes
 from models import extract_features as ef
+from models.nets.dinov2 import DinoV2, dinov2_config, imagenet_preprocess, state_dict_shapes
 
 TINY = dict(embed_dim=32, depth=2, num_heads=4)
 

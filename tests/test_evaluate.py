@@ -15,10 +15,10 @@ pytest.importorskip("torch_fidelity")  # the [eval] extra; .ci/setup installs it
 
 from models import evaluate as ev  # noqa: E402
 from models import train as train_mod  # noqa: E402
+from models.data.shapes import ShapesDataset  # noqa: E402
 from models.nets.classifier import (  # noqa: E402
     builtin_classifier, images_to_tokens, load_classifier, register_with_torch_fidelity, save_classifier,
     train_classifier)
-from models.data.shapes import ShapesDataset  # noqa: E402
 
 GRID = (8, 8)
 N = 200

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from models.objectives import foresight as fs
 from models.nets.gpt import GPT, build_gpt, config_from_preset
+from models.objectives import foresight as fs
 
 OFFICIAL_STEPS_PER_EPOCH = 1_281_167 // 256  # ImageNet train at global batch 256, drop_last: 5004
 

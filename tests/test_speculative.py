@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from models.sampling.generate import DeviceRNG, filter_logits, generate
 from models.nets.gpt import build_gpt
+from models.sampling.generate import DeviceRNG, filter_logits, generate
 from models.sampling.speculative import JacobiStep, speculative_generate
 
 VOCAB, GRID = 4, (2, 2)  # 4^4 = 256 whole sequences: the joint distribution is enumerable
