@@ -51,8 +51,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import (CheckpointError, atomic_save, atomic_save_sharded, clean_stale_sharded, clean_stale_tmp,
-                         load_checkpoint, load_sharded, load_sharded_meta, recover_sharded, require_keys, truncate_log)
+from .checkpoint import (atomic_save, atomic_save_sharded, clean_stale_sharded, clean_stale_tmp, load_checkpoint,
+                         load_sharded, load_sharded_meta, recover_sharded, require_keys, truncate_log)
 from .cli import (UsageError, dropout_rate, float_in, int_at_least, nonneg_float, nonneg_int, positive_float,
                   positive_int, run_main)
 from .cli import device, init_distributed, train_seed
