@@ -37,19 +37,18 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 _MASK32 = 0xFFFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """An integer mixing function on int64 tensors holding 32-bit values (products stay below 2^63)."""
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
-    return (x >> 16) ^ x
-
-
 def _hash32_(x: torch.Tensor) -> torch.Tensor:
-    """:func:`_hash32` in place: the sampler hashes one value per vocabulary entry per row, and on CPU the
-    temporaries of the out-of-place form cost as much as the arithmetic."""
+    """An integer mixing function on int64 tensors holding 32-bit values (products stay below 2^63), in place:
+    the sampler hashes one value per vocabulary entry per row, and on CPU the temporaries of an out-of-place form
+    cost as much as the arithmetic."""
     for _ in range(2):
         x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_MASK32)
     return x.bitwise_xor_(x >> 16)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_hash32_` on a copy."""
+    return _hash32_(x.clone())
 
 
 def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
