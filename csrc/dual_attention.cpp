@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,6 +35,13 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace mirai {
 namespace {
+
+using cpu_vec::exp_approx;
+using cpu_vec::use_avx512;
+#ifdef MIRAI_HAVE_AVX512_PATH
+using cpu_vec::exp16;
+using cpu_vec::tail_mask;
+#endif
 
 constexpr int kBlockQ = 64;   // query tile rows (also the diagonal block's width)
 constexpr int kBlockK = 256;  // key chunk width in the all-C and all-U regions (large: fewer rescales, bigger GEMMs)
@@ -65,65 +74,15 @@ void gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const fl
   }
 }
 
-// exp on [-87, 88] to ~2 ulp (Cody-Waite reduction + degree-6 polynomial), written so the loops below vectorise.
-// Inputs below -87 give ~1e-38 instead of 0, which no softmax sum can tell apart.
-static inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer without a libm call
-  float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = ((int32_t)n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MIRAI_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MIRAI_CLONES
-#endif
-
-// AVX-512 versions of the row operations, picked at run time (the build targets the baseline x86-64, and GCC's
-// auto-vectorised clones of these loops spend as long on masks, serial horizontal sums and scalar tails as on the
-// work: the exp and the row max were ~25% of the forward). Tails use masked loads/stores, so short rows (the
-// diagonal block's 1..64 columns) stay vectorised. MIRAI_CPU_NO_AVX512=1 forces the portable loops (tests).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define MIRAI_HAVE_AVX512_PATH 1
-#include <immintrin.h>
-#define MIRAI_AVX512 __attribute__((target("avx512f")))
+// AVX-512 versions of the row operations, picked at run time (cpu_vec.h: the build targets the baseline x86-64, and
+// GCC's auto-vectorised clones of these loops spend as long on masks, serial horizontal sums and scalar tails as on
+// the work: the exp and the row max were ~25% of the forward). Tails use masked loads/stores, so short rows (the
+// diagonal block's 1..64 columns) stay vectorised.
+#ifdef MIRAI_HAVE_AVX512_PATH
 // GCC 12 flags its own masked-load intrinsics (_mm512_undefined_ps inside) as "used uninitialized": false positive.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-MIRAI_AVX512 static inline __mmask16 tail_mask(int rem) { return (__mmask16)((1u << rem) - 1u); }
-
-// exp_approx on 16 lanes: same clamp, reduction and polynomial; 2^n applied with scalef. max/min take the input
-// as their second operand so a NaN lane stays NaN (VMAXPS/VMINPS return the second operand when unordered).
-MIRAI_AVX512 static inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
 
 MIRAI_AVX512 static float exp_shift_sum_avx512(const float* s, float* p, int n, float shift) {
   const __m512 sh = _mm512_set1_ps(shift);
@@ -182,16 +141,7 @@ MIRAI_AVX512 static float row_dot_avx512(const float* a, const float* b, int n) 
   return _mm512_reduce_add_ps(acc);
 }
 
-static bool use_avx512() {
-  static const bool on = [] {
-    const char* off = std::getenv("MIRAI_CPU_NO_AVX512");
-    return __builtin_cpu_supports("avx512f") && !(off != nullptr && off[0] != '\0' && off[0] != '0');
-  }();
-  return on;
-}
 #pragma GCC diagnostic pop
-#else
-static bool use_avx512() { return false; }
 #endif
 
 // p[j] = exp(s[j] - shift) for j < n; returns the sum.

@@ -25,10 +25,12 @@
 
 #include <cmath>
 
+#include "foresight.h"
+
 namespace mirai {
 namespace {
 
-constexpr double kEps = 1e-4;  // keeps every gradient finite in fp16 (reference/foresight.py)
+constexpr double kEps = kForesightEps;
 
 void check_cos_inputs(const at::Tensor& proj, const at::Tensor& targets, const at::Tensor& tpos) {
   TORCH_CHECK(proj.dim() == 4, "foresight_cos: proj must be (B, N, K, Z), got ", proj.sizes());

@@ -107,61 +107,14 @@ class _HeadsGradsInForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, h, targets, *params):
-        (op, tpos, grad_scale, expected, n_heads, hidden, depth, recompute_fn) = meta
-        batch, seqlen, d_model = h.shape
-        rows = batch * seqlen
+        (op, tpos, grad_scale, expected, recompute_fn) = meta
         needs = ctx.needs_input_grad
-        w_in, b_in, w_out, b_out = params[0], params[1], params[-2], params[-1]
-        mids = [(params[2 + 2 * i], params[3 + 2 * i]) for i in range(depth - 2)]
-        h2 = h.reshape(rows, d_model)
-        w_in_k, b_in_k = w_in.view(n_heads, hidden, d_model), b_in.view(n_heads, hidden)
-        # Every activation and gradient of the trunk is a contiguous (K, rows, hidden) buffer: the first layer runs
-        # per head into its block (the (rows, K*hidden) output of one GEMM would make every later elementwise pass
-        # and batched GEMM strided, measured ~2 ms slower per step at the bench defaults).
-        a = h2.new_empty((n_heads, rows, hidden))
-        for k in range(n_heads):
-            torch.addmm(b_in_k[k], h2, w_in_k[k].t(), out=a[k])
-        pre, acts = [a], []
-        for w, b in mids:
-            s = F.silu(pre[-1])
-            acts.append(s)
-            pre.append(torch.baddbmm(b.unsqueeze(1), s, w.transpose(1, 2)))
-        x = pre[-1].view(n_heads, batch, seqlen, hidden).permute(1, 2, 0, 3)
-        per_head, gx, gw_out, gb_out = op(x, w_out, b_out, targets, tpos, True, True, fops_chunk_rows(), grad_scale)
-        # gx: grad of the last pre-activation, a (B, N, K, hidden) view of a (K, B, N, hidden) buffer.
-        g = gx.permute(2, 0, 1, 3).reshape(n_heads, rows, hidden)
-        # The last pre-activation is dead now: its buffer takes the next gradient GEMM's output (a fresh buffer of
-        # that size costs page faults on every step, measured ~1 ms here).
-        spare = pre[-1] if depth > 2 else None
-        pre[-1] = None
-        del x
-        grads = [None] * len(params)
-        grads[-2], grads[-1] = gw_out, gb_out
-        for i in range(depth - 3, -1, -1):
-            w = mids[i][0]
-            if needs[5 + 2 * i]:
-                grads[2 + 2 * i] = torch.bmm(g.transpose(1, 2), acts[i])
-            if needs[6 + 2 * i]:
-                grads[3 + 2 * i] = g.sum(1)
-            acts[i] = None  # its last use: free it before the next (K, rows, hidden) buffer
-            t = torch.bmm(g, w, out=spare)
-            spare = g  # the gradient just consumed: free for the next layer's GEMM
-            g = torch.ops.aten.silu_backward.grad_input(t, pre[i], grad_input=t)  # in place
-            pre[i] = None
-        del pre, acts, a, spare
-        grad_h = None
-        if needs[1]:
-            grad_h = h2.new_empty((rows, d_model))
-            for k in range(n_heads):
-                grad_h.addmm_(g[k], w_in_k[k], beta=0 if k == 0 else 1)
-            grad_h = grad_h.view(batch, seqlen, d_model)
-        if needs[3]:
-            grads[0] = w_in.new_empty(w_in.shape)
-            gw_in_k = grads[0].view(n_heads, hidden, d_model)
-            for k in range(n_heads):
-                torch.mm(g[k].t(), h2, out=gw_in_k[k])
-        if needs[4]:
-            grads[1] = g.sum(1).view(-1)
+        grad_mask = [int(needs[1])] + [int(need) for need in needs[3:]]
+        per_head, grad_h, grad_w, grad_b = op(h, targets, tpos, list(params[0::2]), list(params[1::2]), grad_mask,
+                                              grad_scale)
+        grad_h = grad_h if needs[1] else None
+        grads = [g if flag else None for g, flag in zip((x for pair in zip(grad_w, grad_b) for x in pair),
+                                                        grad_mask[1:])]
         ctx.expected = expected
         ctx.recompute_fn = recompute_fn
         ctx.n_grads = len(params)
@@ -382,12 +335,12 @@ class ForesightHeads(nn.Module):
         # As the fused op: the gradients are made for upstream `weights` (a zero weight: 1, so they are not zero).
         expected = [float(w) if float(w) != 0.0 else 1.0 for w in weights]
         grad_scale = [e / max(1, batch * c) for e, c in zip(expected, counts)]
-        op = fops.FUSED_OP.op(face)
+        op = fops.HEADS_OP.op(face)
 
         def recompute_fn(h_leaf, param_leaves):
             return self._autograd_heads(h_leaf, targets, param_leaves, kw)[1]
 
-        meta = (op, tpos, grad_scale, expected, self.n_heads, self.hidden, self.depth, recompute_fn)
+        meta = (op, tpos, grad_scale, expected, recompute_fn)
         per_head = _HeadsGradsInForward.apply(meta, h, targets, *params)
         return _reference_foresight.weighted_total(per_head, self.head_weights), per_head
 

@@ -45,7 +45,7 @@ class Stage:
         integers as ``SymInt`` (what ``custom_op`` infers from ``int``: torch.compile then traces a size-derived
         argument symbolically; a C++ kernel takes it as ``int64_t``).
     triton: the Triton backend's implementation (imports ``mirai_kernels.triton`` lazily: Triton is optional and
-        reads ``TRITON_INTERPRET`` when it decorates).
+        reads ``TRITON_INTERPRET`` when it decorates); None for an op without a Triton backend.
     fake: the fake (meta) kernel: output shapes, dtypes and strides from the inputs.
     autograd: None (no gradient: an inference op, or a stage that is itself a backward), or
         ``make(ops) -> (backward, setup_context)`` for ``torch.library.register_autograd``; ``ops`` maps each stage
@@ -53,7 +53,7 @@ class Stage:
     """
 
     schema: str
-    triton: Callable
+    triton: Optional[Callable]
     fake: Callable
     autograd: Optional[Callable] = None
 

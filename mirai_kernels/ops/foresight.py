@@ -21,6 +21,10 @@ ops):
   computed for the *expected* upstream (``head_weights``; the GEMMs' alpha applies it for free); backward returns
   them untouched when the real upstream matches (checked on CPU only, where reading it costs no sync) and
   rescales them (one pass, fp32 math) otherwise.
+* ``foresight_heads`` (backend ``cpp`` only, csrc/foresight_heads.cpp): ``mirai::foresight_heads(h, targets, tpos,
+  weights, biases, grad_mask, grad_scale) -> (per_head, grad_h, grad_weights, grad_biases)``, the whole
+  K-head MLP + the fused last layer with every gradient computed in the forward pass: the CPU path of
+  :class:`mirai_kernels.ForesightHeads` (no public function of its own; the module's autograd formula wraps it).
 
   Chosen by measurement against a chunked recompute in backward (projection recomputed chunk by chunk from a saved
   x: one more GEMM per head). CPU, fp32, 2 threads on a shared, loaded 2-core machine, B=4, N=255, K=3,
@@ -202,6 +206,31 @@ FUSED_OP = _registry.declare(
         "(Tensor x, Tensor weight, Tensor? bias, Tensor targets, Tensor tpos, bool compute_grad, bool silu_input, "
         "SymInt chunk_rows, float[] grad_scale) -> (Tensor, Tensor, Tensor, Tensor)",
         triton=_triton_fused, fake=_fake_fused, autograd=_fused_autograd)},
+)
+
+
+def _fake_heads(h, targets, tpos, weights, biases, grad_mask, grad_scale):
+    acc = _reference.acc_dtype(h.dtype)
+    per_head = h.new_empty((weights[-1].shape[0],), dtype=acc)
+
+    def grad(i, like):
+        return h.new_empty(like.shape) if grad_mask[i] else h.new_empty(0)
+
+    return (per_head, grad(0, h), [grad(1 + 2 * i, w) for i, w in enumerate(weights)],
+            [grad(2 + 2 * i, b) for i, b in enumerate(biases)])
+
+
+# The CPU path of ForesightHeads (mirai_kernels/modules.py, _HeadsGradsInForward): the whole K-head MLP + loss with
+# every gradient computed in the forward pass, so it has no autograd formula of its own (the module's wraps it).
+# Backend cpp only (csrc/foresight_heads.cpp); its reference is the module's autograd path.
+HEADS_OP = _registry.declare(
+    "foresight_heads",
+    faces=("reference", "cpp"),
+    fp64_faces=("reference", "cpp"),
+    stages={"": _registry.Stage(
+        "(Tensor h, Tensor targets, Tensor tpos, Tensor[] weights, Tensor[] biases, int[] grad_mask, "
+        "float[] grad_scale) -> (Tensor, Tensor, Tensor[], Tensor[])",
+        triton=None, fake=_fake_heads)},
 )
 
 

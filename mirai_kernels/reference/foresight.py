@@ -20,7 +20,8 @@ from typing import Sequence
 
 import torch
 
-EPS = 1e-4  # the one definition; the Triton backend imports it, csrc/foresight.cpp's kEps states it again (C++)
+# The one definition; the Triton backend imports it, csrc/foresight.h states it again for C++ (a test checks).
+EPS = 1e-4
 BOUNDARIES = ("raster", "grid")
 
 
