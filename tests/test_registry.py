@@ -73,7 +73,7 @@ def test_a_compiled_backend_without_its_kernel_is_unavailable_with_the_reason():
 def test_every_shipped_op_has_its_kernels():
     shipped = {name: op for name, op in _registry.declared().items() if not name.startswith("test_")}
     assert set(shipped) == {"apply_rope_2d", "dual_attention", "decode_attention", "foresight_cosine_loss",
-                            "fused_linear_cosine_loss"}
+                            "fused_linear_cosine_loss", "foresight_heads"}
     if not B.cpp_available():
         pytest.skip("C++ extension not built")
     missing = [m for m in _registry.missing_kernels() if "test_registry" not in m and "(CUDA)" not in m]
