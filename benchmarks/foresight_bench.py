@@ -13,7 +13,9 @@ Two parts (``--parts``):
   alternative (same cosine kernels, projection recomputed chunk by chunk in backward), kept to re-measure the choice.
 * ``heads``: the whole K-head MLP + loss. Baseline ``paper_eager``: K separate ``nn.Sequential`` MLPs on the full
   hidden state, then the same eager loss. Providers: ``ForesightHeads`` per backend, with ``recompute`` off and on;
-  ``gemm_floor`` (not an implementation) runs only the GEMMs every exact forward + backward needs: the bound.
+  ``gemm_floor`` (not an implementation) runs only the GEMMs every exact forward + backward needs, each one
+  threaded by BLAS as ATen calls it: the bound of any provider that runs them that way. (On CPU the C++ heads run
+  them as single-threaded tasks side by side, which beats this row at 2+ threads.)
 
 CPU timing (``--thread-counts``, default 1 and torch's default; ``--rounds``): every provider is timed once per
 round, rounds interleaved, wall and process-CPU time, so load from other processes on a shared machine hits all
@@ -87,8 +89,8 @@ class RecomputeLinearCos(torch.autograd.Function):
 
 def gemm_floor_step(module, rows):
     """Not an implementation: only the GEMMs any exact forward + backward of the heads must run (per layer: forward,
-    input gradient, weight gradient; the first layer's input gradient too), on preallocated operands, nothing else.
-    The lower bound of every provider at this shape; paper_eager / gemm_floor is the most any provider can gain."""
+    input gradient, weight gradient; the first layer's input gradient too), on preallocated operands, nothing else,
+    each threaded by BLAS. The lower bound of every provider that runs them one after another."""
     k, hid, d, z = module.n_heads, module.hidden, module.d_model, module.z_dim
     dev = module.weight_out.device
     h2, a = torch.randn(rows, d, device=dev), torch.randn(k, rows, hid, device=dev)

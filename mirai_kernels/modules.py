@@ -90,14 +90,14 @@ class _SiluBmm(torch.autograd.Function):
 
 class _HeadsGradsInForward(torch.autograd.Function):
     """The whole K-head MLP + loss with every gradient computed in the forward pass (the fused op's pattern, carried
-    through the trunk): the fused last layer returns the gradient of its input, and the middle and first layers'
-    backward GEMMs run right after it, while their activations are still live. Nothing of the trunk is saved: only
-    the gradients (``grad_h`` and the parameter gradients) and, for the fallback below, ``h`` and the parameters
-    (which autograd keeps alive anyway).
+    through the trunk) by one C++ op, ``mirai::foresight_heads`` (csrc/foresight_heads.cpp: its schedule is
+    described there). Nothing of the trunk is saved: only the gradients (``grad_h`` and the parameter gradients)
+    and, for the fallback below, ``h`` and the parameters (which autograd keeps alive anyway).
 
     Why (measured, ``benchmarks/foresight_bench.py``): autograd would save each layer's pre-activation and the fused
-    op's input gradient, recompute a SiLU in backward, and run one Python node per layer; here each SiLU is computed
-    once in the forward pass and reused by the weight gradient, and no activation outlives the forward pass.
+    op's input gradient, recompute a SiLU in backward, and run one Python node per layer; here each SiLU and its
+    derivative are computed once, every pass between GEMMs runs on a block still in cache, and no activation
+    outlives the forward pass.
 
     The gradients are computed for the expected upstream (``d total / d per_head = head_weights``). Backward returns
     them when the real upstream is that, scales them once when it is a common multiple of it for every head (the
@@ -177,8 +177,9 @@ class ForesightHeads(nn.Module):
 
     On CPU (C++ face, eager mode, depth >= 2, ``recompute=False``, and more saved activation values than parameters:
     B*N*K*hidden*(depth-1) + K*z_dim*hidden >= parameters + B*N*d_model) the whole module runs as one autograd node
-    whose gradients are all computed in the forward pass (:class:`_HeadsGradsInForward`): same GEMMs, but each
-    SiLU is computed once, no activation is saved, every buffer is a contiguous ``(K, B*N, hidden)`` block.
+    whose gradients are all computed in the forward pass by one C++ op (:class:`_HeadsGradsInForward`): same GEMMs
+    as single-threaded tasks over heads and row / column blocks, each SiLU and its derivative computed once, no
+    activation saved. It keeps its work buffers between calls up to ``MIRAI_CPU_WORKSPACE_MB`` (default 256 MiB).
 
     Parameters: ``weight_in (K*hidden, d_model)``, ``bias_in (K*hidden,)`` (rows ``k*hidden:(k+1)*hidden`` are head
     k's), ``weights_mid[i] (K, hidden, hidden)``, ``biases_mid[i] (K, hidden)``, ``weight_out (K, z_dim, hidden)``,
