@@ -242,15 +242,17 @@ int64_t blocks_per_head(int64_t K, int64_t n, int64_t min_block) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Work buffers kept between calls. The trunk's buffers are written once per call; fresh ones cost a page fault per
-// 4 KiB on every call (malloc returns large blocks to the OS), measured ~4 ms of a ~37 ms step at the bench
-// defaults, 1 thread. So one process-wide buffer is kept and reused while it fits under MIRAI_CPU_WORKSPACE_MB
-// (default 256 MiB; 0 keeps none). A call that finds it in use by another thread allocates its own.
+// 4 KiB on every call (malloc returns large blocks to the OS): measured ~4 ms of a ~37 ms step at the bench
+// defaults and ~110 ms of ~1.85 s at GPT-B widths, batch 8 (270 MiB of buffers), 1 thread. So one process-wide
+// buffer is kept and reused while it fits under MIRAI_CPU_WORKSPACE_MB (default 1024 MiB; 0 keeps none). It holds
+// what the call would allocate anyway, between calls too. A call that finds it in use by another thread allocates
+// its own.
 // ---------------------------------------------------------------------------------------------------------
 
 int64_t workspace_cap_bytes() {
   static const int64_t cap = [] {
     const char* v = std::getenv("MIRAI_CPU_WORKSPACE_MB");
-    const int64_t mb = (v != nullptr && v[0] != '\0') ? std::atoll(v) : 256;
+    const int64_t mb = (v != nullptr && v[0] != '\0') ? std::atoll(v) : 1024;
     return std::max<int64_t>(0, mb) << 20;
   }();
   return cap;

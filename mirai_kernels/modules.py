@@ -148,12 +148,6 @@ class _HeadsGradsInForward(torch.autograd.Function):
         return (None, grads[0], None, *grads[1:])
 
 
-def fops_chunk_rows() -> int:
-    from .ops import foresight as fops
-
-    return fops.CHUNK_ROWS
-
-
 def _eager_cpu(t: torch.Tensor) -> bool:
     from .ops.foresight import _eager_cpu as check
 
@@ -179,7 +173,8 @@ class ForesightHeads(nn.Module):
     B*N*K*hidden*(depth-1) + K*z_dim*hidden >= parameters + B*N*d_model) the whole module runs as one autograd node
     whose gradients are all computed in the forward pass by one C++ op (:class:`_HeadsGradsInForward`): same GEMMs
     as single-threaded tasks over heads and row / column blocks, each SiLU and its derivative computed once, no
-    activation saved. It keeps its work buffers between calls up to ``MIRAI_CPU_WORKSPACE_MB`` (default 256 MiB).
+    activation saved. It keeps its work buffers between calls up to ``MIRAI_CPU_WORKSPACE_MB`` (default 1024 MiB;
+    0 keeps none).
 
     Parameters: ``weight_in (K*hidden, d_model)``, ``bias_in (K*hidden,)`` (rows ``k*hidden:(k+1)*hidden`` are head
     k's), ``weights_mid[i] (K, hidden, hidden)``, ``biases_mid[i] (K, hidden)``, ``weight_out (K, z_dim, hidden)``,
