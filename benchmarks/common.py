@@ -183,9 +183,16 @@ def environment(device: torch.device) -> dict:
 def write_json(path: Optional[str], benchmark: str, args, device: torch.device, results: list[dict], notes=None):
     if not path:
         return
+    # The exact command (thread-count variables included), so anyone can rerun it; the load average says how busy
+    # the (shared) machine was while it ran.
+    threads_env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]
+    env = environment(device)
+    if hasattr(os, "getloadavg"):
+        env["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     payload = {
         "benchmark": benchmark,
-        "environment": environment(device),
+        "command": " ".join(threads_env + ["python"] + sys.argv),
+        "environment": env,
         "args": {k: v for k, v in vars(args).items() if k != "json"},
         "notes": notes or {},
         "results": results,
