@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
@@ -226,6 +227,19 @@ void check_inputs(const at::Tensor& h, const at::Tensor& targets, const at::Tens
               "), got ", grad_scale.size());
 }
 
+// body(t) for every t in [0, n) on torch's threads, each thread claiming the next task when done with one: a thread
+// slowed by another process on a shared machine then takes fewer tasks instead of holding the others at the
+// region's end. Each task's arithmetic does not depend on the thread that runs it: results are bit for bit the same.
+template <typename F>
+void run_tasks(int64_t n, const F& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowAutograd below_autograd;  // a worker thread's own grad mode is on
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(t);
+  });
+}
+
 // [begin, end) of block i of n items cut in blocks of `block`.
 inline std::pair<int64_t, int64_t> block_range(int64_t i, int64_t block, int64_t n) {
   return {i * block, std::min(n, (i + 1) * block)};
@@ -342,23 +356,17 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   // One parallel region per layer; each task calls single-threaded BLAS (nested in at::parallel_for, MKL and
   // OpenBLAS run one thread) on its own slice.
   auto for_row_tasks = [&](const auto& body) {
-    at::parallel_for(0, row_tasks, 1, [&](int64_t lo, int64_t hi) {
-      at::AutoDispatchBelowAutograd below_autograd;  // a worker thread's own grad mode is on
-      for (int64_t t = lo; t < hi; ++t) {
-        const auto [r0, r1] = block_range(t % row_blocks, row_block, R);
-        if (r1 > r0) body(t / row_blocks, r0, r1);
-      }
+    run_tasks(row_tasks, [&](int64_t t) {
+      const auto [r0, r1] = block_range(t % row_blocks, row_block, R);
+      if (r1 > r0) body(t / row_blocks, r0, r1);
     });
   };
   auto for_column_tasks = [&](int64_t cols, const auto& body) {
     const int64_t per_head_blocks = blocks_per_head(K, cols, kMinColBlock);
     const int64_t block = (cols + per_head_blocks - 1) / per_head_blocks;
-    at::parallel_for(0, K * per_head_blocks, 1, [&](int64_t lo, int64_t hi) {
-      at::AutoDispatchBelowAutograd below_autograd;
-      for (int64_t t = lo; t < hi; ++t) {
-        const auto [c0, c1] = block_range(t % per_head_blocks, block, cols);
-        if (c1 > c0) body(t / per_head_blocks, c0, c1);
-      }
+    run_tasks(K * per_head_blocks, [&](int64_t t) {
+      const auto [c0, c1] = block_range(t % per_head_blocks, block, cols);
+      if (c1 > c0) body(t / per_head_blocks, c0, c1);
     });
   };
 
@@ -519,15 +527,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
   if (!need_a[0]) return {per_head, grad_h, grad_w, grad_b};
   if (wants(0)) {
     grad_h = at::empty({R, d}, opts);
-    at::parallel_for(0, row_blocks, 1, [&](int64_t lo, int64_t hi) {
-      at::AutoDispatchBelowAutograd below_autograd;
-      for (int64_t blk = lo; blk < hi; ++blk) {
-        const auto [r0, r1] = block_range(blk, row_block, R);
-        if (r1 <= r0) continue;
-        auto out = grad_h.narrow(0, r0, r1 - r0);
-        for (int64_t k = 0; k < K; ++k) {
-          out.addmm_(g.select(0, k).narrow(0, r0, r1 - r0), w_in_heads.select(0, k), k == 0 ? 0 : 1, 1);
-        }
+    run_tasks(row_blocks, [&](int64_t blk) {
+      const auto [r0, r1] = block_range(blk, row_block, R);
+      if (r1 <= r0) return;
+      auto out = grad_h.narrow(0, r0, r1 - r0);
+      for (int64_t k = 0; k < K; ++k) {
+        out.addmm_(g.select(0, k).narrow(0, r0, r1 - r0), w_in_heads.select(0, k), k == 0 ? 0 : 1, 1);
       }
     });
     grad_h = grad_h.view({B, N, d});
