@@ -50,13 +50,19 @@ void check_cos_inputs(const at::Tensor& proj, const at::Tensor& targets, const a
               tpos.sizes(), " ", tpos.scalar_type());
 }
 
-// Raises on a target position outside [-1, N): it would read past targets. Cheap on CPU (N*K ints).
-void check_tpos_range(const at::Tensor& tpos, int64_t n) {
-  const int32_t* t = tpos.const_data_ptr<int32_t>();
-  for (int64_t i = 0; i < tpos.numel(); ++i) {
-    TORCH_CHECK(t[i] >= -1 && t[i] < n, "foresight_cos: tpos values must lie in [-1, ", n, "), got ", t[i]);
+}  // namespace
+
+void check_tpos_range(const at::Tensor& tpos, int64_t n, const char* where) {
+  const auto t_contig = tpos.contiguous();
+  const int32_t* t = t_contig.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < t_contig.numel(); ++i) {
+    TORCH_CHECK(t[i] >= -1 && t[i] < n, where, ": tpos values must lie in [-1, ", n, "), got ", t[i]);
   }
 }
+
+namespace {
+
+void check_tpos_range(const at::Tensor& tpos, int64_t n) { mirai::check_tpos_range(tpos, n, "foresight_cos"); }
 
 // 1 / max(|t|, eps) of every target row, shared by the K foresight heads that read it.
 template <typename scalar_t, typename acc_t>

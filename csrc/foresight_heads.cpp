@@ -217,12 +217,7 @@ void check_inputs(const at::Tensor& h, const at::Tensor& targets, const at::Tens
   TORCH_CHECK(tpos.scalar_type() == at::kInt && tpos.dim() == 2 && tpos.size(0) == h.size(1) && tpos.size(1) == K,
               "foresight_heads: tpos must be int32 (N, K) = (", h.size(1), ", ", K, "), got ", tpos.sizes(), " ",
               tpos.scalar_type());
-  const auto tp = tpos.contiguous();
-  const int32_t* t = tp.const_data_ptr<int32_t>();
-  for (int64_t i = 0; i < tp.numel(); ++i) {
-    TORCH_CHECK(t[i] >= -1 && t[i] < h.size(1), "foresight_heads: tpos values must lie in [-1, ", h.size(1),
-                "), got ", t[i]);
-  }
+  check_tpos_range(tpos, h.size(1), "foresight_heads");
   TORCH_CHECK(int64_t(grad_scale.size()) == K, "foresight_heads: grad_scale needs one entry per head (", K,
               "), got ", grad_scale.size());
 }

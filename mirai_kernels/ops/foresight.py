@@ -21,10 +21,6 @@ ops):
   computed for the *expected* upstream (``head_weights``; the GEMMs' alpha applies it for free); backward returns
   them untouched when the real upstream matches (checked on CPU only, where reading it costs no sync) and
   rescales them (one pass, fp32 math) otherwise.
-* ``foresight_heads`` (backend ``cpp`` only, csrc/foresight_heads.cpp): ``mirai::foresight_heads(h, targets, tpos,
-  weights, biases, grad_mask, grad_scale) -> (per_head, grad_h, grad_weights, grad_biases)``, the whole
-  K-head MLP + the fused last layer with every gradient computed in the forward pass: the CPU path of
-  :class:`mirai_kernels.ForesightHeads` (no public function of its own; the module's autograd formula wraps it).
 
   Chosen by measurement against a chunked recompute in backward (projection recomputed chunk by chunk from a saved
   x: one more GEMM per head). CPU, fp32, 2 threads on a shared, loaded 2-core machine, B=4, N=255, K=3,
@@ -34,6 +30,10 @@ ops):
   0.63x eager, recompute 0.65x (it keeps x and the targets; the stored grad_x has x's size and x itself is then not
   saved; the weight gradient is kept in x's dtype). Under ``no_grad`` (or when nothing requires grad) only the
   loss is computed.
+* ``foresight_heads`` (backend ``cpp`` only, csrc/foresight_heads.cpp): ``mirai::foresight_heads(h, targets, tpos,
+  weights, biases, grad_mask, grad_scale) -> (per_head, grad_h, grad_weights, grad_biases)``, the whole
+  K-head MLP + the fused last layer with every gradient computed in the forward pass: the CPU path of
+  :class:`mirai_kernels.ForesightHeads` (no public function of its own; the module's autograd formula wraps it).
 
 Autocast: no autocast rule; ``targets`` must have ``proj``'s (``x``'s) dtype (cast the teacher's fp32 state),
 cosines are computed in fp32 (fp64 for fp64 inputs), losses are fp32 (fp64).
