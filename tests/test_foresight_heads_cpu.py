@@ -27,14 +27,21 @@ pytestmark = pytest.mark.skipif("cpp" not in B.available_faces(fops.HEADS_OP.nam
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_case(*, batch=2, grid=(8, 8), d=48, hidden=72, z=40, depth=3, seed=0, std=0.3, dtype=torch.float32):
-    """Mirai-E heads (offsets 0, right, below) with weights large enough that every layer's SiLU sees both signs
-    and its curved range; hidden 72 and z 40 are not multiples of 16 (the vector loops' tails)."""
+def make_case(*, batch=2, grid=(8, 8), d=48, hidden=72, z=40, depth=3, seed=0, std=0.3, dtype=torch.float32,
+              offsets=None, prefix=1):
+    """Mirai-E heads (offsets 0, right, below; or ``offsets``, λ 2 each) with weights large enough that every
+    layer's SiLU sees both signs and its curved range; hidden 72 and z 40 are not multiples of 16 (the vector
+    loops' tails)."""
     torch.manual_seed(seed)
-    module = ForesightHeads.mirai_e(d, grid=grid, z_dim=z, hidden=hidden, depth=depth, backend="cpp")
+    if offsets is None:
+        module = ForesightHeads.mirai_e(d, grid=grid, z_dim=z, hidden=hidden, depth=depth, prefix=prefix,
+                                        backend="cpp")
+    else:
+        module = ForesightHeads(d, z, offsets, grid=grid, prefix=prefix, head_weights=[2.0] * len(offsets),
+                                hidden=hidden, depth=depth, backend="cpp")
     for p in module.parameters():
         torch.nn.init.normal_(p, std=std)
-    n = 1 + grid[0] * grid[1] - 1
+    n = prefix + grid[0] * grid[1] - 1
     h = torch.randn(batch, n, d)
     targets = torch.randn(batch, n, z)
     module = module.to(dtype)
@@ -121,6 +128,21 @@ def test_bench_shape_fp32_matches_paper_heads_at_1_and_2_threads():
     two = with_threads(2, lambda: fast_grads(module, h, targets))
     for per_head, grads in (one, two):
         check_against_paper(module, h, targets, per_head, grads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n, batch, grid, prefix, offsets", [
+    (1, 64, (1, 1), 1, [0]),                       # S = 1: only the prefix position, paired with itself
+    (17, 4, (4, 4), 2, [0, 1, (1, 0)]),
+    (257, 2, (16, 16), 2, [0, 1, (1, 0)]),         # 514 rows: two uneven row blocks per head on 2 threads
+    (577, 1, (24, 24), 2, [0, (1, 1)]),            # 577 rows: blocks of 289 and 288
+])
+def test_odd_sequence_lengths_match_paper_heads(n, batch, grid, prefix, offsets, threads):
+    module, h, targets = make_case(batch=batch, grid=grid, prefix=prefix, offsets=offsets, d=16, hidden=24, z=8,
+                                   seed=n)
+    assert h.shape[1] == n
+    per_head, grads = with_threads(threads, lambda: fast_grads(module, h, targets))
+    check_against_paper(module, h, targets, per_head, grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
