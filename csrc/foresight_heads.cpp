@@ -261,8 +261,12 @@ int64_t blocks_per_head(int64_t K, int64_t n, int64_t min_block) {
 int64_t workspace_cap_bytes() {
   static const int64_t cap = [] {
     const char* v = std::getenv("MIRAI_CPU_WORKSPACE_MB");
-    const int64_t mb = (v != nullptr && v[0] != '\0') ? std::atoll(v) : 1024;
-    return std::max<int64_t>(0, mb) << 20;
+    if (v == nullptr || v[0] == '\0') return int64_t(1024) << 20;
+    char* end = nullptr;
+    const long long mb = std::strtoll(v, &end, 10);
+    TORCH_CHECK(end != v && *end == '\0' && mb >= 0 && mb <= (int64_t(1) << 40),
+                "MIRAI_CPU_WORKSPACE_MB must be a whole number of MiB >= 0 (0 keeps no workspace), got '", v, "'");
+    return int64_t(mb) << 20;
   }();
   return cap;
 }

@@ -264,7 +264,7 @@ def test_portable_loops_and_no_workspace_in_a_child_process(tmp_path, env):
                           capture_output=True, text=True,
                           timeout=300, env=child_env)
     assert done.returncode == 0, done.stderr[-3000:]
-    saved = torch.load(path)
+    saved = torch.load(path, weights_only=True)
     for depth, (per_head, grads) in saved.items():
         module, h, targets = make_case(depth=depth, seed=20 + depth)
         check_against_paper(module, h, targets, per_head, grads)
@@ -273,6 +273,17 @@ def test_portable_loops_and_no_workspace_in_a_child_process(tmp_path, env):
             torch.testing.assert_close(per_head, here[0], rtol=0, atol=0)
             for name, g in grads.items():
                 torch.testing.assert_close(g, here[1][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "12MB"])
+def test_a_bad_workspace_size_is_refused_by_name(value):
+    env = {**os.environ, "MIRAI_CPU_WORKSPACE_MB": value,
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", _CHILD, os.devnull, ROOT, "1"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode != 0
+    assert f"MIRAI_CPU_WORKSPACE_MB must be a whole number of MiB >= 0 (0 keeps no workspace), got '{value}'" \
+        in done.stderr
 
 
 def test_eps_agrees_with_the_reference():
